@@ -1,0 +1,50 @@
+# Vitrine: `make demo` runs the whole job on the embedded data, `make test` runs the tests.
+# Both install what they need first (a venv in .venv with pinned dependencies).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_SRC := $(wildcard protos/vitrine/v1/*.proto)
+PROTO_OUT := shared/proto/vitrine/v1
+PROTO_STAMP := $(PROTO_OUT)/.generated
+WORKDIR ?= var/demo
+
+.PHONY: install protos demo test lint typecheck clean
+
+install: $(STAMP) $(PROTO_STAMP)
+
+# torch first: pinned to the CPU build so sentence-transformers does not pull CUDA.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Stubs are generated, not committed: see README "Generated stubs".
+$(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
+	rm -rf shared/proto/vitrine && mkdir -p $(PROTO_OUT)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iprotos \
+		--python_out=shared/proto --grpc_python_out=shared/proto \
+		--mypy_out=shared/proto --mypy_grpc_out=shared/proto $(PROTO_SRC)
+	sed -i -E 's/^from vitrine\.v1 import/from shared.proto.vitrine.v1 import/' $(PROTO_OUT)/*.py $(PROTO_OUT)/*.pyi
+	touch shared/proto/vitrine/__init__.py $(PROTO_OUT)/__init__.py $(PROTO_STAMP)
+
+protos: $(PROTO_STAMP)
+
+demo: install
+	$(VENV)/bin/vitrine demo --workdir $(WORKDIR)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy shared retrieval_service ranking_service tests
+
+clean:
+	rm -rf $(VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""Write and load the ranker artifact (``<root>/ranker/<version>/``).
+
+Files: ``model.txt`` (LightGBM text model), ``features.json`` (feature names, in
+order, checked against the code at load), the item table (``items/*.npy``) and an
+event snapshot (``events/*.npy``) that the in-process feature store is built from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+
+from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
+from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, item_stats
+from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
+from shared.data import Dataset, Events
+from shared.logs import event
+
+log = logging.getLogger(__name__)
+
+KIND = "vitrine.ranker"
+DEFAULT_NAME = "ranker"
+_ITEM_FIELDS = (
+    "item_ids",
+    "titles",
+    "brands",
+    "categories",
+    "category_codes",
+    "brand_codes",
+    "prices",
+    "stock",
+    "created_at",
+    "content_vectors",
+)
+
+
+def write_ranker_artifact(
+    root: Path,
+    booster: lgb.Booster,
+    items: ItemTable,
+    dataset: Dataset,
+    snapshot_at: int,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    name: str = DEFAULT_NAME,
+) -> Artifact:
+    writer = ArtifactWriter(root, name)
+    try:
+        booster.save_model(str(writer.path("model.txt")))
+        writer.save_json("features.json", {"names": list(FEATURE_NAMES), "categorical": list(CATEGORICAL_FEATURES)})
+        for field in _ITEM_FIELDS:
+            writer.save_array(f"items/{field}.npy", getattr(items, field))
+        events = dataset.events.before(snapshot_at)
+        writer.save_array("events/user_ids.npy", dataset.users.user_ids)
+        writer.save_array("events/user_index.npy", events.user_index)
+        writer.save_array("events/item_index.npy", events.item_index)
+        writer.save_array("events/event_code.npy", events.event_code)
+        writer.save_array("events/timestamp.npy", events.timestamp)
+        artifact = writer.commit(KIND, {**params, "snapshot_at": snapshot_at}, metrics)
+    except BaseException:
+        writer.abort()
+        raise
+    event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
+    return artifact
+
+
+@dataclass(frozen=True)
+class LoadedRanker:
+    version: str
+    booster: lgb.Booster
+    items: ItemTable
+    item_row: dict[str, int]
+    stats: ItemStats
+    histories: UserHistoryStore
+    snapshot_at: int
+
+
+def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:
+    artifact = open_artifact(root, name, KIND, version)
+    features = json.loads(artifact.file("features.json").read_text())
+    if features.get("names") != list(FEATURE_NAMES):
+        raise ArtifactError(
+            f"{artifact.path}: the model was trained on features {features.get('names')}, "
+            f"this build computes {list(FEATURE_NAMES)}; retrain the ranker"
+        )
+    booster = lgb.Booster(model_file=str(artifact.file("model.txt")))
+    items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
+    user_ids = artifact.load_array("events/user_ids.npy")
+    timestamps = artifact.load_array("events/timestamp.npy")
+    events = Events(
+        user_index=artifact.load_array("events/user_index.npy"),
+        item_index=artifact.load_array("events/item_index.npy"),
+        event_code=artifact.load_array("events/event_code.npy"),
+        timestamp=timestamps,
+        # Not used by ranking features; kept out of the artifact to keep it small.
+        device=np.zeros(len(timestamps), dtype="<U1"),
+        session_id=np.zeros(len(timestamps), dtype="<U1"),
+    )
+    snapshot_at = int(artifact.params["snapshot_at"])
+    loaded = LoadedRanker(
+        version=artifact.version,
+        booster=booster,
+        items=items,
+        item_row=items.row_of(),
+        stats=item_stats(events, len(items), snapshot_at),
+        histories=UserHistoryStore(events, user_ids),
+        snapshot_at=snapshot_at,
+    )
+    event(log, "ranker artifact loaded", version=artifact.version, items=len(items), users=len(loaded.histories))
+    return loaded

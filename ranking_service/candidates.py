@@ -1,0 +1,73 @@
+"""Stage 1 of a request: ask the retrieval service for candidates.
+
+The query is the user's recent items (session first) weighted by recency and intent;
+a user with neither gets the retrieval service's answer for the bare user id, which
+is popular items for an id it does not know (cold start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ranking_service.features import CandidateSet, RequestContext
+from ranking_service.query import history_query
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.store import ItemTable, UserHistory
+from shared.config import RankingSettings
+
+
+@dataclass(frozen=True)
+class RetrievedSet:
+    candidates: CandidateSet
+    index_version: str
+
+
+class CandidateStage:
+    def __init__(
+        self, items: ItemTable, item_row: dict[str, int], retrieval: RetrievalClient, settings: RankingSettings
+    ) -> None:
+        self._items = items
+        self._item_row = item_row
+        self._retrieval = retrieval
+        self._settings = settings
+
+    def retrieve(
+        self,
+        user_id: str,
+        history: UserHistory,
+        context: RequestContext,
+        extra_exclusions: npt.NDArray[np.int32],
+        timeout_s: float,
+    ) -> RetrievedSet:
+        item_ids = self._items.item_ids
+        exclude = np.union1d(history.purchased_rows(), extra_exclusions).astype(np.int64)
+        exclude_ids = item_ids[exclude].tolist()
+        n = self._settings.candidates
+        if len(history) or len(context.session_rows):
+            rows, weights = history_query(
+                history,
+                context.session_rows,
+                context.timestamp,
+                self._settings.history_length,
+                self._settings.query_half_life_days,
+            )
+            retrieved = self._retrieval.by_history(item_ids[rows].tolist(), weights.tolist(), n, exclude_ids, timeout_s)
+        else:
+            retrieved = self._retrieval.by_user(user_id, n, exclude_ids, timeout_s)
+        # Ids this snapshot does not know (from a newer index) cannot be featurised.
+        known = [
+            (self._item_row[item_id], score)
+            for item_id, score in zip(retrieved.item_ids, retrieved.scores.tolist(), strict=True)
+            if item_id in self._item_row
+        ]
+        return RetrievedSet(
+            candidates=CandidateSet(
+                rows=np.asarray([row for row, _ in known], dtype=np.int32),
+                retrieval_scores=np.asarray([score for _, score in known], dtype=np.float32),
+                from_popular=retrieved.from_popular,
+            ),
+            index_version=retrieved.index_version,
+        )

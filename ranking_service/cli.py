@@ -1,0 +1,80 @@
+"""Ranking commands of the ``vitrine`` CLI: ``train-ranker`` and ``serve ranking``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shared.cli import Command, CommandRegistry
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/ranker/<version>/")
+    parser.add_argument(
+        "--retrieval", required=True, help="HOST:PORT of a retrieval service serving an index built before --cutoff"
+    )
+    parser.add_argument("--cutoff", type=int, default=None, help="label split time (default: from settings)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from ranking_service.retrieval_client import RetrievalClient
+    from ranking_service.store import item_table
+    from ranking_service.training import train_ranker_artifact
+    from shared.config import load_settings
+    from shared.data import load_dataset
+    from shared.embeddings import cached_text_embedder
+
+    settings = load_settings()
+    dataset = load_dataset(args.data)
+    embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
+    content = embedder.encode(dataset.catalog.embedding_texts(), show_progress=True)
+    client = RetrievalClient(args.retrieval)
+    try:
+        client.wait_ready(30.0)
+        artifact = train_ranker_artifact(
+            dataset,
+            content,
+            client,
+            args.out,
+            settings.ranker_build,
+            settings.ranking,
+            item_table(dataset, content),
+            args.cutoff,
+        )
+    finally:
+        client.close()
+    print(f"ranker {artifact.version}: {artifact.path}  {artifact.metrics}")
+    return 0
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root holding ranker/CURRENT")
+    parser.add_argument("--retrieval", default=None, help="HOST:PORT of the retrieval service")
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ranking_service.server import start_ranking_server
+    from shared.config import load_settings
+    from shared.grpc_server import serve_until_signalled, write_port_file
+
+    settings = load_settings(
+        ranking={
+            "artifacts": args.artifacts,
+            "retrieval_target": args.retrieval,
+            "host": args.host,
+            "port": args.port,
+        }
+    )
+    running = start_ranking_server(settings.ranking)
+    write_port_file(args.port_file, running.port)
+    serve_until_signalled(running)
+    return 0
+
+
+def register(registry: CommandRegistry) -> None:
+    registry.add(Command("train-ranker", "train the LightGBM ranker artifact", _configure_train, _run_train))
+    registry.add_server(Command("ranking", "serve Recommend over gRPC", _configure_serve, _run_serve))

@@ -1,0 +1,186 @@
+"""Ranking features: one row per candidate, computed vectorised for a whole request.
+
+The same :class:`FeatureBuilder` serves training (with the world as of a past
+request) and serving, so there is no train/serve skew. ``docs/features.md`` lists
+what each feature means.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ranking_service.store import ItemStats, ItemTable, UserHistory
+from shared.data import CART, DEVICES, PURCHASE
+from shared.interactions import SECONDS_PER_DAY, event_weights
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "retrieval_score",
+    "retrieval_rank",
+    "retrieval_from_popular",
+    "item_log_popularity",
+    "item_log_recent_views",
+    "item_log_purchases",
+    "item_conversion_rate",
+    "item_log_price",
+    "item_in_stock",
+    "item_age_days",
+    "item_category",
+    "user_log_events",
+    "user_log_purchases",
+    "user_days_since_last_event",
+    "user_category_affinity",
+    "user_brand_affinity",
+    "user_category_purchase_affinity",
+    "price_log_ratio_to_user",
+    "price_abs_log_ratio_to_user",
+    "user_item_interactions",
+    "user_item_max_intent",
+    "user_item_days_since",
+    "session_length",
+    "session_category_share",
+    "session_brand_share",
+    "content_sim_recent_max",
+    "content_sim_last",
+    "hour_of_day",
+    "day_of_week",
+    "device",
+)
+CATEGORICAL_FEATURES: tuple[str, ...] = ("item_category", "device")
+FEATURE_INDEX = {name: column for column, name in enumerate(FEATURE_NAMES)}
+
+# History items compared by content similarity (most recent first).
+RECENT_FOR_SIMILARITY = 5
+# Features look at the newest events only: bounded work per request for heavy users.
+MAX_HISTORY_FOR_FEATURES = 500
+# "Never" for day counts: a large finite number keeps trees and logs simple.
+NEVER_DAYS = 365.0
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    timestamp: int
+    device: str
+    # Items seen in the current session, newest first (catalogue rows).
+    session_rows: npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    rows: npt.NDArray[np.int32]
+    retrieval_scores: npt.NDArray[np.float32]
+    from_popular: bool
+
+
+@dataclass(frozen=True)
+class FeatureMatrix:
+    values: npt.NDArray[np.float32]  # (n_candidates, len(FEATURE_NAMES))
+    # For each candidate, the recent history item it is most similar to (-1: none).
+    closest_history_row: npt.NDArray[np.int32]
+    closest_history_code: npt.NDArray[np.int8]
+
+
+def _share(codes: npt.NDArray[np.int32], weights: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    totals = np.bincount(codes, weights=weights, minlength=size).astype(np.float32)
+    total = float(totals.sum())
+    return totals / total if total > 0 else totals
+
+
+class FeatureBuilder:
+    def __init__(self, items: ItemTable, stats: ItemStats) -> None:
+        self._items = items
+        self._stats = stats
+        self._log_prices = np.log(items.prices).astype(np.float32)
+
+    def build(self, history: UserHistory, context: RequestContext, candidates: CandidateSet) -> FeatureMatrix:
+        items, stats = self._items, self._stats
+        rows = candidates.rows
+        n = len(rows)
+        values = np.zeros((n, len(FEATURE_NAMES)), dtype=np.float32)
+
+        def put(name: str, column: npt.ArrayLike) -> None:
+            values[:, FEATURE_INDEX[name]] = column
+
+        now = context.timestamp
+        put("retrieval_score", candidates.retrieval_scores)
+        put("retrieval_rank", np.arange(n, dtype=np.float32))
+        put("retrieval_from_popular", float(candidates.from_popular))
+        put("item_log_popularity", stats.log_popularity[rows])
+        put("item_log_recent_views", stats.log_recent_views[rows])
+        put("item_log_purchases", stats.log_purchases[rows])
+        put("item_conversion_rate", stats.conversion_rate[rows])
+        put("item_log_price", self._log_prices[rows])
+        put("item_in_stock", (items.stock[rows] > 0).astype(np.float32))
+        put("item_age_days", np.maximum(now - items.created_at[rows], 0) / SECONDS_PER_DAY)
+        put("item_category", items.category_codes[rows])
+
+        history = history.recent(MAX_HISTORY_FOR_FEATURES)
+        hist_rows = history.item_rows
+        weights = event_weights(history.event_codes)
+        purchases = history.event_codes == PURCHASE
+        put("user_log_events", np.log1p(len(history)))
+        put("user_log_purchases", np.log1p(int(purchases.sum())))
+        days_since_last = (now - int(history.timestamps[0])) / SECONDS_PER_DAY if len(history) else NEVER_DAYS
+        put("user_days_since_last_event", days_since_last)
+
+        category_share = _share(items.category_codes[hist_rows], weights, items.n_categories)
+        brand_share = _share(items.brand_codes[hist_rows], weights, items.n_brands)
+        purchase_share = _share(
+            items.category_codes[hist_rows[purchases]], np.ones(int(purchases.sum()), np.float32), items.n_categories
+        )
+        put("user_category_affinity", category_share[items.category_codes[rows]])
+        put("user_brand_affinity", brand_share[items.brand_codes[rows]])
+        put("user_category_purchase_affinity", purchase_share[items.category_codes[rows]])
+
+        if len(history):
+            user_log_price = float(np.average(self._log_prices[hist_rows], weights=weights))
+            ratio = self._log_prices[rows] - user_log_price
+        else:
+            ratio = np.zeros(n, dtype=np.float32)
+        put("price_log_ratio_to_user", ratio)
+        put("price_abs_log_ratio_to_user", np.abs(ratio))
+
+        same_item = rows[:, None] == hist_rows[None, :]  # (n, len(history))
+        put("user_item_interactions", same_item.sum(axis=1))
+        put("user_item_max_intent", np.where(same_item, history.event_codes[None, :] + 1, 0).max(axis=1, initial=0))
+        last_seen = np.where(same_item, history.timestamps[None, :], -1).max(axis=1, initial=-1)
+        put("user_item_days_since", np.where(last_seen >= 0, (now - last_seen) / SECONDS_PER_DAY, NEVER_DAYS))
+
+        session = context.session_rows
+        put("session_length", len(session))
+        if len(session):
+            session_categories = np.bincount(items.category_codes[session], minlength=items.n_categories) / len(session)
+            session_brands = np.bincount(items.brand_codes[session], minlength=items.n_brands) / len(session)
+            put("session_category_share", session_categories[items.category_codes[rows]])
+            put("session_brand_share", session_brands[items.brand_codes[rows]])
+
+        # Session items are the freshest signal, then the stored history.
+        recent = np.concatenate([session, hist_rows])[:RECENT_FOR_SIMILARITY]
+        recent_codes = np.concatenate([np.zeros(len(session), np.int8), history.event_codes])[:RECENT_FOR_SIMILARITY]
+        closest_row = np.full(n, -1, dtype=np.int32)
+        closest_code = np.zeros(n, dtype=np.int8)
+        if len(recent):
+            similarity = (
+                items.content_vectors[rows].astype(np.float32) @ items.content_vectors[recent].astype(np.float32).T
+            )
+            best = similarity.argmax(axis=1)
+            put("content_sim_recent_max", similarity[np.arange(n), best])
+            put("content_sim_last", similarity[:, 0])
+            closest_row = recent[best].astype(np.int32)
+            closest_code = recent_codes[best]
+
+        moment = dt.datetime.fromtimestamp(now, dt.UTC)
+        put("hour_of_day", moment.hour)
+        put("day_of_week", moment.weekday())
+        put("device", DEVICES.index(context.device) if context.device in DEVICES else -1)
+        return FeatureMatrix(values=values, closest_history_row=closest_row, closest_history_code=closest_code)
+
+
+INTENT_VERB = {PURCHASE: "bought", CART: "added to your cart"}
+
+
+def intent_verb(code: int) -> str:
+    return INTENT_VERB.get(code, "viewed")

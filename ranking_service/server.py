@@ -1,0 +1,108 @@
+"""The ranking gRPC server: Recommend."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+
+from ranking_service.artifact import load_ranker_artifact
+from ranking_service.pipeline import RankingPipeline, RecommendQuery
+from ranking_service.retrieval_client import RetrievalClient
+from shared.config import RankingSettings
+from shared.errors import Unavailable, grpc_errors
+from shared.grpc_server import RunningServer, start_server
+from shared.logs import event
+from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "vitrine.v1.Ranking"
+DEVICE_NAMES = {
+    ranking_pb2.DEVICE_WEB: "web",
+    ranking_pb2.DEVICE_IOS: "ios",
+    ranking_pb2.DEVICE_ANDROID: "android",
+}
+# Time kept back from the caller's deadline for features, scoring and the reply.
+OWN_BUDGET_S = 0.02
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServicer):
+    def __init__(self, pipeline: RankingPipeline, settings: RankingSettings) -> None:
+        self._pipeline = pipeline
+        self._settings = settings
+
+    def _retrieval_timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        timeout = self._settings.retrieval_timeout_s
+        if remaining is not None:
+            timeout = min(timeout, remaining - OWN_BUDGET_S)
+        if timeout <= 0:
+            raise Unavailable("the caller's deadline leaves no time to retrieve candidates; allow more time")
+        return timeout
+
+    @grpc_errors
+    def Recommend(  # noqa: N802 (gRPC method name)
+        self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
+    ) -> ranking_pb2.RecommendResponse:
+        request_id = uuid.uuid4().hex
+        query = RecommendQuery(
+            user_id=request.user_id,
+            k=request.k,
+            timestamp=request.context.timestamp,
+            device=DEVICE_NAMES.get(request.context.device, ""),
+            session_item_ids=list(request.context.session_item_ids),
+            exclude_item_ids=list(request.exclude_item_ids),
+        )
+        self._pipeline.validate(query)
+        result = self._pipeline.recommend(query, self._retrieval_timeout(context))
+        event(
+            log,
+            "recommend",
+            request_id=request_id,
+            user_id=request.user_id,
+            k=request.k,
+            returned=len(result.items),
+            cold_start=result.cold_start,
+            model_version=result.model_version,
+            index_version=result.index_version,
+            removed_by_rules=result.removed_by_rules,
+            stage_ms=result.stage_ms,
+        )
+        return ranking_pb2.RecommendResponse(
+            items=[
+                ranking_pb2.RecommendedItem(
+                    item_id=item.item_id,
+                    score=item.score,
+                    reason=item.reason,
+                    title=item.title,
+                    brand=item.brand,
+                    category=item.category,
+                    price=item.price,
+                )
+                for item in result.items
+            ],
+            request_id=request_id,
+            model_version=result.model_version,
+            index_version=result.index_version,
+            cold_start=result.cold_start,
+        )
+
+
+def start_ranking_server(settings: RankingSettings) -> RunningServer:
+    """Load the current ranker artifact, connect to retrieval, serve; returns once SERVING."""
+    ranker = load_ranker_artifact(settings.artifacts)
+    retrieval = RetrievalClient(settings.retrieval_target)
+    pipeline = RankingPipeline(ranker, retrieval, settings)
+    running = start_server(
+        SERVICE_NAME,
+        lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(pipeline, settings), server),
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.grace_period_s,
+    )
+    running.set_serving(True)
+    event(log, "ranking serving", port=running.port, model_version=ranker.version, retrieval=settings.retrieval_target)
+    return running

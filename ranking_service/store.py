@@ -1,0 +1,161 @@
+"""The ranking service's in-process feature store: items, item statistics, user histories.
+
+Everything is computed "as of" a time, so training can see the world exactly as it
+was at a past request and serving sees it as of the snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.data import PURCHASE, VIEW, Dataset, Events
+from shared.interactions import SECONDS_PER_DAY, event_weights
+
+RECENT_WINDOW_DAYS = 7
+
+
+@dataclass(frozen=True)
+class ItemTable:
+    """Static item attributes, row-aligned with the catalogue."""
+
+    item_ids: npt.NDArray[np.str_]
+    titles: npt.NDArray[np.str_]
+    brands: npt.NDArray[np.str_]
+    categories: npt.NDArray[np.str_]
+    category_codes: npt.NDArray[np.int32]
+    brand_codes: npt.NDArray[np.int32]
+    prices: npt.NDArray[np.float64]
+    stock: npt.NDArray[np.int64]
+    created_at: npt.NDArray[np.int64]
+    # Unit-length text embeddings (float16) for similarity features and reasons.
+    content_vectors: npt.NDArray[np.float16]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_categories(self) -> int:
+        return int(self.category_codes.max()) + 1 if len(self.category_codes) else 0
+
+    @property
+    def n_brands(self) -> int:
+        return int(self.brand_codes.max()) + 1 if len(self.brand_codes) else 0
+
+    def row_of(self) -> dict[str, int]:
+        return {item_id: row for row, item_id in enumerate(self.item_ids.tolist())}
+
+
+def item_table(dataset: Dataset, content_vectors: npt.NDArray[np.float32]) -> ItemTable:
+    catalog = dataset.catalog
+    _, category_codes = np.unique(catalog.categories, return_inverse=True)
+    _, brand_codes = np.unique(catalog.brands, return_inverse=True)
+    return ItemTable(
+        item_ids=catalog.item_ids,
+        titles=catalog.titles,
+        brands=catalog.brands,
+        categories=catalog.categories,
+        category_codes=category_codes.astype(np.int32),
+        brand_codes=brand_codes.astype(np.int32),
+        prices=catalog.prices,
+        stock=catalog.stock,
+        created_at=catalog.created_at,
+        content_vectors=content_vectors.astype(np.float16),
+    )
+
+
+@dataclass(frozen=True)
+class ItemStats:
+    """Per-item interaction statistics as of ``as_of``."""
+
+    as_of: int
+    log_popularity: npt.NDArray[np.float32]
+    log_recent_views: npt.NDArray[np.float32]
+    log_purchases: npt.NDArray[np.float32]
+    conversion_rate: npt.NDArray[np.float32]
+    popular_rows: npt.NDArray[np.int32]
+
+
+def item_stats(events: Events, n_items: int, as_of: int) -> ItemStats:
+    past = events.before(as_of)
+    weights = event_weights(past.event_code).astype(np.float64)
+    popularity = np.bincount(past.item_index, weights=weights, minlength=n_items)
+    recent = past.select((past.timestamp >= as_of - RECENT_WINDOW_DAYS * SECONDS_PER_DAY) & (past.event_code == VIEW))
+    recent_views = np.bincount(recent.item_index, minlength=n_items)
+    views = np.bincount(past.item_index[past.event_code == VIEW], minlength=n_items)
+    purchases = np.bincount(past.item_index[past.event_code == PURCHASE], minlength=n_items)
+    # Smoothed towards the catalogue-wide rate so rarely seen items are not extreme.
+    prior = (purchases.sum() + 1.0) / (views.sum() + 1.0)
+    conversion = (purchases + 10.0 * prior) / (views + 10.0)
+    return ItemStats(
+        as_of=as_of,
+        log_popularity=np.log1p(popularity).astype(np.float32),
+        log_recent_views=np.log1p(recent_views).astype(np.float32),
+        log_purchases=np.log1p(purchases).astype(np.float32),
+        conversion_rate=conversion.astype(np.float32),
+        popular_rows=np.argsort(-popularity, kind="stable").astype(np.int32),
+    )
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    """One user's events, newest first."""
+
+    item_rows: npt.NDArray[np.int32]
+    event_codes: npt.NDArray[np.int8]
+    timestamps: npt.NDArray[np.int64]
+
+    def __len__(self) -> int:
+        return len(self.item_rows)
+
+    @staticmethod
+    def empty() -> UserHistory:
+        return UserHistory(np.zeros(0, np.int32), np.zeros(0, np.int8), np.zeros(0, np.int64))
+
+    def purchased_rows(self) -> npt.NDArray[np.int32]:
+        return np.unique(self.item_rows[self.event_codes == PURCHASE])
+
+    def recent(self, limit: int) -> UserHistory:
+        """The newest ``limit`` events."""
+        return UserHistory(self.item_rows[:limit], self.event_codes[:limit], self.timestamps[:limit])
+
+
+class UserHistoryStore:
+    """Per-user event histories held in memory, sliced by time on demand.
+
+    Histories are complete: rules such as "never recommend what was bought" need
+    every purchase, however old; consumers that want a bounded amount of work take
+    :meth:`UserHistory.recent`.
+    """
+
+    def __init__(self, events: Events, user_ids: npt.NDArray[np.str_]) -> None:
+        order = np.lexsort((-events.timestamp, events.user_index))
+        users = events.user_index[order]
+        self._items = events.item_index[order]
+        self._codes = events.event_code[order]
+        self._times = events.timestamp[order]
+        starts = np.searchsorted(users, np.arange(len(user_ids)))
+        ends = np.searchsorted(users, np.arange(len(user_ids)), side="right")
+        self._span = {
+            user_id: (int(start), int(end))
+            for user_id, start, end in zip(user_ids.tolist(), starts, ends, strict=True)
+            if end > start
+        }
+
+    def __len__(self) -> int:
+        return len(self._span)
+
+    def history(self, user_id: str, before: int | None = None, limit: int | None = None) -> UserHistory:
+        span = self._span.get(user_id)
+        if span is None:
+            return UserHistory.empty()
+        start, end = span
+        times = self._times[start:end]
+        if before is not None:
+            # Newest first: skip the events at or after ``before``.
+            start += int(np.searchsorted(-times, -before, side="right"))
+        if limit is not None:
+            end = min(end, start + limit)
+        return UserHistory(self._items[start:end], self._codes[start:end], self._times[start:end])

@@ -1,0 +1,256 @@
+"""Train the LightGBM LambdaMART ranker on candidates from the retrieval service.
+
+Time split: the retrieval service serves an index built from events before
+``cutoff``; for every user who comes back after ``cutoff``, one request is replayed
+at a point in their first returning session (history = everything before that
+moment, session = the session so far). Candidates come from the retrieval service
+through the serving code path, features are computed as of the request, and labels
+are the user's interactions from that moment on (purchase 3 > cart 2 > view 1).
+
+A share of users is held out entirely: on them the trained ranker's NDCG@10 is
+compared with the retrieval order on the same candidates, and both are recorded in
+the artifact manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from ranking_service.artifact import write_ranker_artifact
+from ranking_service.candidates import CandidateStage
+from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.store import ItemTable, UserHistoryStore, item_stats
+from shared.artifacts import Artifact
+from shared.config import RankerBuildSettings, RankingSettings
+from shared.data import Dataset
+from shared.interactions import event_labels
+from shared.logs import event
+from shared.metrics import mean, ndcg_at_k
+
+log = logging.getLogger(__name__)
+
+EVAL_K = 10
+# The replayed request sits after 0..MAX_SESSION_PREFIX events of the returning session.
+MAX_SESSION_PREFIX = 3
+RETRIEVAL_TIMEOUT_S = 10.0
+
+
+def label_cutoff(dataset: Dataset, settings: RankerBuildSettings) -> int:
+    """The time that splits history (before) from ranker labels (after)."""
+    return dataset.events.time_at(1.0 - settings.label_window)
+
+
+@dataclass(frozen=True)
+class ReplayedRequest:
+    user_id: str
+    context: RequestContext
+    # Relevance per catalogue row, for rows the user touched from the request on.
+    labels: dict[int, int]
+    holdout: bool
+
+
+def replay_requests(dataset: Dataset, cutoff: int, settings: RankerBuildSettings) -> list[ReplayedRequest]:
+    """One request per user active after ``cutoff``, at a point in their first session back."""
+    events = dataset.events
+    rng = np.random.default_rng(settings.seed)
+    future = np.flatnonzero(events.timestamp >= cutoff)
+    order = future[np.lexsort((events.timestamp[future], events.user_index[future]))]
+    users = events.user_index[order]
+    boundaries = np.flatnonzero(np.diff(users)) + 1
+    requests: list[ReplayedRequest] = []
+    labels_all = event_labels(events.event_code)
+    for user_events in np.split(order, boundaries):
+        if not len(user_events):
+            continue
+        user_id = str(dataset.users.user_ids[events.user_index[user_events[0]]])
+        session = user_events[events.session_id[user_events] == events.session_id[user_events[0]]]
+        prefix = int(rng.integers(0, min(MAX_SESSION_PREFIX, len(session) - 1) + 1)) if len(session) > 1 else 0
+        moment = int(events.timestamp[session[prefix]])
+        labels: dict[int, int] = {}
+        for index in user_events[events.timestamp[user_events] >= moment]:
+            row = int(events.item_index[index])
+            labels[row] = max(labels.get(row, 0), int(labels_all[index]))
+        holdout = (zlib.crc32(user_id.encode()) % 1000) < settings.holdout_users * 1000
+        requests.append(
+            ReplayedRequest(
+                user_id=user_id,
+                context=RequestContext(
+                    timestamp=moment,
+                    device=str(events.device[session[0]]),
+                    session_rows=events.item_index[session[:prefix]][::-1].astype(np.int32),
+                ),
+                labels=labels,
+                holdout=holdout,
+            )
+        )
+    return requests
+
+
+@dataclass
+class RankingData:
+    features: list[npt.NDArray[np.float32]]
+    labels: list[npt.NDArray[np.int32]]
+    # All of the user's relevance labels (also for items retrieval missed), for ideal DCG.
+    all_labels: list[npt.NDArray[np.int32]]
+    requests: int = 0
+    with_relevant_candidate: int = 0
+    relevant_total: int = 0
+    relevant_retrieved: int = 0
+
+    def stacked(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], list[int]]:
+        return np.vstack(self.features), np.concatenate(self.labels), [len(y) for y in self.labels]
+
+
+def assemble(
+    requests: list[ReplayedRequest],
+    histories: UserHistoryStore,
+    candidate_stage: CandidateStage,
+    features: FeatureBuilder,
+    description: str,
+) -> RankingData:
+    data = RankingData(features=[], labels=[], all_labels=[])
+    nothing_excluded = np.zeros(0, dtype=np.int32)
+    for request in tqdm(requests, desc=description, unit="req", mininterval=2.0):
+        history = histories.history(request.user_id, before=request.context.timestamp)
+        retrieved = candidate_stage.retrieve(
+            request.user_id, history, request.context, nothing_excluded, RETRIEVAL_TIMEOUT_S
+        )
+        rows = retrieved.candidates.rows
+        labels = np.asarray([request.labels.get(int(row), 0) for row in rows], dtype=np.int32)
+        data.requests += 1
+        data.relevant_total += len(request.labels)
+        data.relevant_retrieved += int((labels > 0).sum())
+        if not len(rows) or not labels.any():
+            continue
+        data.with_relevant_candidate += 1
+        data.features.append(features.build(history, request.context, retrieved.candidates).values)
+        data.labels.append(labels)
+        data.all_labels.append(np.asarray(list(request.labels.values()), dtype=np.int32))
+    return data
+
+
+def fit_ranker(train: RankingData, settings: RankerBuildSettings) -> tuple[lgb.Booster, dict[str, Any]]:
+    """LambdaMART with early stopping on a validation share of the training requests."""
+    n_groups = len(train.labels)
+    rng = np.random.default_rng(settings.seed)
+    is_valid = rng.random(n_groups) < 0.15
+
+    def subset(mask: npt.NDArray[np.bool_]) -> lgb.Dataset:
+        chosen = np.flatnonzero(mask)
+        return lgb.Dataset(
+            np.vstack([train.features[i] for i in chosen]),
+            label=np.concatenate([train.labels[i] for i in chosen]),
+            group=[len(train.labels[i]) for i in chosen],
+            feature_name=list(FEATURE_NAMES),
+            categorical_feature=list(CATEGORICAL_FEATURES),
+            free_raw_data=True,
+        )
+
+    params: dict[str, Any] = {
+        "objective": "lambdarank",
+        "metric": "ndcg",
+        "eval_at": [EVAL_K],
+        "num_leaves": settings.num_leaves,
+        "learning_rate": settings.learning_rate,
+        "min_data_in_leaf": settings.min_data_in_leaf,
+        "feature_fraction": 0.9,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 1,
+        "lambdarank_truncation_level": 20,
+        "seed": settings.seed,
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 2,
+        "verbose": -1,
+    }
+    train_set = subset(~is_valid)
+    valid_set = subset(is_valid)
+    booster = lgb.train(
+        params,
+        train_set,
+        num_boost_round=settings.num_trees,
+        valid_sets=[valid_set],
+        valid_names=["validation"],
+        callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
+    )
+    return booster, {**params, "best_iteration": booster.best_iteration, "num_trees": settings.num_trees}
+
+
+def compare_on_holdout(booster: lgb.Booster, holdout: RankingData) -> dict[str, float]:
+    """NDCG@10 of the ranker's order and of the retrieval order on the same candidates."""
+    ranker_ndcg, retrieval_ndcg = [], []
+    for features, labels, all_labels in zip(holdout.features, holdout.labels, holdout.all_labels, strict=True):
+        scores = np.asarray(booster.predict(features, num_iteration=booster.best_iteration or None))
+        ranker_ndcg.append(ndcg_at_k(labels[np.argsort(-scores, kind="stable")], EVAL_K, all_labels))
+        retrieval_ndcg.append(ndcg_at_k(labels, EVAL_K, all_labels))  # candidates arrive in retrieval order
+    # Requests where retrieval found nothing relevant score 0 for both orders.
+    misses = holdout.requests - holdout.with_relevant_candidate
+    ranker = mean(ranker_ndcg + [0.0] * misses)
+    retrieval = mean(retrieval_ndcg + [0.0] * misses)
+    return {
+        "holdout_requests": holdout.requests,
+        f"holdout_ndcg@{EVAL_K}_ranker": round(ranker, 4),
+        f"holdout_ndcg@{EVAL_K}_retrieval_order": round(retrieval, 4),
+        f"holdout_ndcg@{EVAL_K}_lift": round(ranker / retrieval - 1.0, 4) if retrieval > 0 else float("nan"),
+        "holdout_candidate_recall": round(holdout.relevant_retrieved / max(holdout.relevant_total, 1), 4),
+    }
+
+
+def train_ranker_artifact(
+    dataset: Dataset,
+    content_vectors: npt.NDArray[np.float32],
+    retrieval: RetrievalClient,
+    root: Path,
+    settings: RankerBuildSettings,
+    serving: RankingSettings,
+    items: ItemTable,
+    cutoff: int | None = None,
+) -> Artifact:
+    started = time.perf_counter()
+    cutoff = cutoff if cutoff is not None else label_cutoff(dataset, settings)
+    requests = replay_requests(dataset, cutoff, settings)
+    histories = UserHistoryStore(dataset.events, dataset.users.user_ids)
+    stats = item_stats(dataset.events, len(items), cutoff)
+    serving_for_training = serving.model_copy(update={"candidates": settings.candidates})
+    candidate_stage = CandidateStage(items, items.row_of(), retrieval, serving_for_training)
+    builder = FeatureBuilder(items, stats)
+    event(log, "replaying requests", requests=len(requests), cutoff=cutoff, candidates=settings.candidates)
+    train = assemble([r for r in requests if not r.holdout], histories, candidate_stage, builder, "train requests")
+    holdout = assemble([r for r in requests if r.holdout], histories, candidate_stage, builder, "holdout requests")
+    if len(train.labels) < 20:
+        raise ValueError(
+            f"only {len(train.labels)} training requests have a relevant candidate; "
+            "the dataset is too small or the label window too short"
+        )
+    booster, lgb_params = fit_ranker(train, settings)
+    metrics: dict[str, Any] = {
+        "train_requests": train.requests,
+        "train_requests_with_relevant_candidate": train.with_relevant_candidate,
+        **compare_on_holdout(booster, holdout),
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }
+    importance = dict(
+        zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True)
+    )
+    if booster.best_iteration:
+        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
+    snapshot_at = int(dataset.events.timestamp.max()) + 1
+    params = {
+        "dataset": dataset.name,
+        "cutoff": cutoff,
+        "ranker_build": settings.model_dump(),
+        "lightgbm": lgb_params,
+        "feature_importance_gain": importance,
+    }
+    return write_ranker_artifact(root, booster, items, dataset, snapshot_at, params, metrics)

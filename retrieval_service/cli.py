@@ -1,0 +1,61 @@
+"""Retrieval commands of the ``vitrine`` CLI: ``build-index`` and ``serve retrieval``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from shared.cli import Command, CommandRegistry
+
+
+def _configure_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory (vitrine datagen --out)")
+    parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/<name>/<version>/")
+    parser.add_argument("--name", default="index", help="artifact name (default: index)")
+    parser.add_argument("--cutoff", type=int, default=None, help="use only events before this unix time")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from retrieval_service.artifact import build_index_artifact
+    from shared.config import load_settings
+    from shared.data import load_dataset
+    from shared.embeddings import cached_text_embedder
+
+    settings = load_settings()
+    dataset = load_dataset(args.data)
+    embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
+    artifact = build_index_artifact(dataset, embedder, args.out, settings.index_build, args.name, args.cutoff)
+    print(f"index {artifact.version}: {artifact.path}  {artifact.metrics}")
+    return 0
+
+
+def _configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root holding index/CURRENT")
+    parser.add_argument("--index-name", default=None, help="artifact name to serve (default: index)")
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from retrieval_service.server import start_retrieval_server
+    from shared.config import load_settings
+    from shared.grpc_server import serve_until_signalled, write_port_file
+
+    settings = load_settings(
+        retrieval={
+            "artifacts": args.artifacts,
+            "index_name": args.index_name,
+            "host": args.host,
+            "port": args.port,
+        }
+    )
+    running = start_retrieval_server(settings.retrieval, settings.embedding)
+    write_port_file(args.port_file, running.port)
+    serve_until_signalled(running)
+    return 0
+
+
+def register(registry: CommandRegistry) -> None:
+    registry.add(Command("build-index", "build the retrieval index artifact", _configure_build, _run_build))
+    registry.add_server(Command("retrieval", "serve Retrieve/SimilarItems over gRPC", _configure_serve, _run_serve))

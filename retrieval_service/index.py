@@ -1,0 +1,145 @@
+"""The FAISS IVF-PQ index and its exact re-scoring.
+
+IVF-PQ finds a shortlist fast from 1-byte codes; the shortlist is then re-scored with
+the stored (float16) fused vectors, so the scores handed to the ranker are exact inner
+products and the order within the shortlist is exact too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+
+from shared.config import IndexBuildSettings
+from shared.logs import event
+
+log = logging.getLogger(__name__)
+
+# Below this many items an IVF-PQ cannot be trained sensibly: exact search is used.
+MIN_ITEMS_FOR_IVFPQ = 1000
+# FAISS wants ~39 training points per centroid.
+POINTS_PER_CENTROID = 39
+# Shortlist = refine_factor x n from IVF-PQ, then exact re-scoring.
+REFINE_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class IndexLayout:
+    kind: str  # "ivfpq" or "flat"
+    dimension: int
+    nlist: int = 0
+    pq_m: int = 0
+    pq_nbits: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def choose_layout(n_items: int, dimension: int, settings: IndexBuildSettings) -> IndexLayout:
+    """nlist ~ 4 sqrt(n) (capped by training points), PQ with ~8 dimensions per code byte."""
+    if n_items < MIN_ITEMS_FOR_IVFPQ:
+        return IndexLayout(kind="flat", dimension=dimension)
+    nlist = settings.nlist or max(1, min(int(4 * math.sqrt(n_items)), n_items // POINTS_PER_CENTROID))
+    pq_m = settings.pq_m or next(m for m in range(max(1, dimension // 8), 0, -1) if dimension % m == 0)
+    if dimension % pq_m:
+        raise ValueError(f"pq_m={pq_m} must divide the vector dimension {dimension}")
+    # Fewer code bits for small catalogues: each of the 2^nbits PQ centroids needs training points.
+    pq_nbits = max(4, min(settings.pq_nbits, int(math.log2(n_items / POINTS_PER_CENTROID))))
+    return IndexLayout(kind="ivfpq", dimension=dimension, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits)
+
+
+def build_index(vectors: npt.NDArray[np.float32], layout: IndexLayout, seed: int) -> faiss.Index:
+    if vectors.shape[1] != layout.dimension:
+        raise ValueError(f"vectors have dimension {vectors.shape[1]}, layout says {layout.dimension}")
+    if layout.kind == "flat":
+        flat = faiss.IndexFlatIP(layout.dimension)
+        flat.add(vectors)
+        return flat
+    quantizer = faiss.IndexFlatIP(layout.dimension)
+    index = faiss.IndexIVFPQ(
+        quantizer, layout.dimension, layout.nlist, layout.pq_m, layout.pq_nbits, faiss.METRIC_INNER_PRODUCT
+    )
+    index.cp.seed = seed
+    index.pq.cp.seed = seed
+    index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+class VectorIndex:
+    """Search over an ANN index with exclusions and exact re-scoring of the shortlist."""
+
+    def __init__(self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int) -> None:
+        if index.ntotal != len(vectors):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(vectors)} item vectors were given")
+        self._index = index
+        self._vectors = vectors
+        self._nprobe = nprobe
+        self._is_ivf = isinstance(index, faiss.IndexIVF)
+        if self._is_ivf:
+            faiss.extract_index_ivf(index).nprobe = nprobe
+
+    @property
+    def size(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def dimension(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def vectors(self) -> npt.NDArray[np.float16]:
+        return self._vectors
+
+    def vector(self, row: int) -> npt.NDArray[np.float32]:
+        return np.asarray(self._vectors[row], dtype=np.float32)
+
+    def search(
+        self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Best ``n`` rows for one query (shape (1, d)), excluded rows never returned."""
+        exclude = np.unique(exclude_rows) if exclude_rows is not None and len(exclude_rows) else None
+        available = self.size - (len(exclude) if exclude is not None else 0)
+        n = min(n, available)
+        if n <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        shortlist = min(self.size, n * REFINE_FACTOR if self._is_ivf else n)
+        params: faiss.SearchParameters | None = None
+        if exclude is not None:
+            # Both objects must stay referenced until the search returns (SWIG holds raw pointers).
+            excluded_ids = faiss.IDSelectorBatch(exclude.astype(np.int64))
+            selector = faiss.IDSelectorNot(excluded_ids)
+            params = faiss.SearchParametersIVF() if self._is_ivf else faiss.SearchParameters()
+            params.sel = selector
+            if isinstance(params, faiss.SearchParametersIVF):
+                params.nprobe = self._nprobe
+        _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
+        rows = found[0][found[0] >= 0].astype(np.int64)
+        scores = (self._vectors[rows].astype(np.float32) @ query[0].astype(np.float32)).astype(np.float32)
+        best = np.argsort(-scores, kind="stable")[:n]
+        return rows[best], scores[best]
+
+    def exact_search(self, queries: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
+        """Exact top ``n`` rows per query (brute force), the reference for recall."""
+        scores = queries.astype(np.float32) @ self._vectors.astype(np.float32).T
+        n = min(n, self.size)
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        return np.asarray(top, dtype=np.int64)
+
+
+def recall_against_exact(index: VectorIndex, queries: npt.NDArray[np.float32], n: int) -> float:
+    """Mean share of the exact top ``n`` that the served search returns."""
+    exact = index.exact_search(queries, n)
+    hits = 0
+    for row, query in enumerate(queries):
+        found, _ = index.search(query[None, :], n)
+        hits += len(np.intersect1d(found, exact[row]))
+    recall = hits / float(exact.size) if exact.size else 1.0
+    event(log, "recall measured", n=n, queries=len(queries), recall=round(recall, 4))
+    return recall

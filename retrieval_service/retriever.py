@@ -1,0 +1,187 @@
+"""Candidate generation: turn a query into the best ``n`` items of the loaded index."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from retrieval_service.artifact import LoadedIndex
+from retrieval_service.vectors import history_query, text_query
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+SOURCE_ANN = "ann"
+SOURCE_POPULAR = "popular"
+MAX_TEXT_CHARS = 2000
+
+TextEncoder = Callable[[str], npt.NDArray[np.float32]]
+
+
+@dataclass(frozen=True)
+class Candidates:
+    item_ids: list[str]
+    scores: list[float]
+    source: str
+    index_version: str
+    dimension: int
+
+
+class TextModelSlot:
+    """The text model, loaded in the background so start-up stays fast."""
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._encoder: TextEncoder | None = None
+        self._model_id: str | None = None
+        self._error: str | None = None
+
+    def set(self, encoder: TextEncoder, model_id: str) -> None:
+        self._encoder, self._model_id = encoder, model_id
+        self._ready.set()
+
+    def fail(self, error: str) -> None:
+        self._error = error
+        self._ready.set()
+
+    def get(self, timeout_s: float) -> tuple[TextEncoder, str]:
+        if not self._ready.wait(timeout_s):
+            raise Unavailable("the text model is still loading; retry in a few seconds")
+        if self._encoder is None or self._model_id is None:
+            raise FailedPrecondition(f"text queries are disabled: the text model failed to load ({self._error})")
+        return self._encoder, self._model_id
+
+
+class Retriever:
+    def __init__(
+        self,
+        loaded: LoadedIndex,
+        max_candidates: int,
+        max_exclusions: int,
+        text_model: TextModelSlot | None = None,
+        text_wait_s: float = 30.0,
+    ) -> None:
+        self._loaded = loaded
+        self._max_candidates = max_candidates
+        self._max_exclusions = max_exclusions
+        self._text_model = text_model
+        self._text_wait_s = text_wait_s
+
+    @property
+    def loaded(self) -> LoadedIndex:
+        return self._loaded
+
+    def _check_n(self, n: int) -> None:
+        if not 1 <= n <= self._max_candidates:
+            raise InvalidArgument(f"n must be between 1 and {self._max_candidates}, got {n}")
+
+    def _exclusions(self, item_ids: Sequence[str]) -> npt.NDArray[np.int64]:
+        if len(item_ids) > self._max_exclusions:
+            raise InvalidArgument(
+                f"exclude_item_ids has {len(item_ids)} ids; at most {self._max_exclusions} are accepted"
+            )
+        rows = [self._loaded.item_row[item_id] for item_id in item_ids if item_id in self._loaded.item_row]
+        return np.asarray(rows, dtype=np.int64)
+
+    def _search(
+        self, query: npt.NDArray[np.float32], n: int, exclude: npt.NDArray[np.int64], source: str = SOURCE_ANN
+    ) -> Candidates:
+        rows, scores = self._loaded.index.search(query, n, exclude)
+        return Candidates(
+            item_ids=self._loaded.item_ids[rows].tolist(),
+            scores=scores.tolist(),
+            source=source,
+            index_version=self._loaded.version,
+            dimension=self._loaded.index.dimension,
+        )
+
+    def popular(self, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
+        self._check_n(n)
+        excluded = set(self._exclusions(exclude_item_ids).tolist())
+        rows = [row for row in self._loaded.popular_rows[: n + len(excluded)].tolist() if row not in excluded][:n]
+        # Rank-based score in (0, 1]: comparable in scale with a cosine, monotone in popularity.
+        scores = [1.0 / (1.0 + position) for position in range(len(rows))]
+        return Candidates(
+            item_ids=self._loaded.item_ids[rows].tolist(),
+            scores=scores,
+            source=SOURCE_POPULAR,
+            index_version=self._loaded.version,
+            dimension=self._loaded.index.dimension,
+        )
+
+    def by_user(self, user_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
+        self._check_n(n)
+        if not user_id:
+            raise InvalidArgument("user_id is empty")
+        row = self._loaded.user_row.get(user_id)
+        if row is None:
+            return self.popular(n, exclude_item_ids)
+        query = self._loaded.user_vectors[row : row + 1].astype(np.float32)
+        return self._search(query, n, self._exclusions(exclude_item_ids))
+
+    def by_history(
+        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude_item_ids: Sequence[str]
+    ) -> Candidates:
+        self._check_n(n)
+        if not item_ids:
+            raise InvalidArgument("history.item_ids is empty; send at least one item id")
+        if weights and len(weights) != len(item_ids):
+            raise InvalidArgument(
+                f"history.weights has {len(weights)} values for {len(item_ids)} item ids; send one per item or none"
+            )
+        weight_array = np.asarray(weights if weights else [1.0] * len(item_ids), dtype=np.float32)
+        if not np.all(np.isfinite(weight_array)) or np.any(weight_array < 0):
+            raise InvalidArgument("history.weights must be finite and >= 0")
+        known = [
+            (self._loaded.item_row[i], w)
+            for i, w in zip(item_ids, weight_array, strict=True)
+            if i in self._loaded.item_row
+        ]
+        if not known:
+            return self.popular(n, exclude_item_ids)
+        rows = np.asarray([row for row, _ in known], dtype=np.int64)
+        query = history_query(self._loaded.index.vectors, rows, np.asarray([w for _, w in known], np.float32))
+        if not np.any(query):
+            return self.popular(n, exclude_item_ids)
+        return self._search(query, n, self._exclusions(exclude_item_ids))
+
+    def by_vector(self, values: Sequence[float], n: int, exclude_item_ids: Sequence[str]) -> Candidates:
+        self._check_n(n)
+        dimension = self._loaded.index.dimension
+        if len(values) != dimension:
+            raise InvalidArgument(f"vector has {len(values)} values; this index expects {dimension}")
+        query = np.asarray(values, dtype=np.float32)[None, :]
+        if not np.all(np.isfinite(query)):
+            raise InvalidArgument("vector values must be finite numbers")
+        if not np.any(query):
+            raise InvalidArgument("vector is all zeros; it matches nothing")
+        return self._search(query, n, self._exclusions(exclude_item_ids))
+
+    def by_text(self, text: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
+        self._check_n(n)
+        text = text.strip()
+        if not text:
+            raise InvalidArgument("text is empty")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InvalidArgument(f"text has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted")
+        if self._text_model is None:
+            raise FailedPrecondition("text queries are not enabled on this server")
+        encode, model_id = self._text_model.get(self._text_wait_s)
+        if model_id != self._loaded.embedding_model:
+            raise FailedPrecondition(
+                f"the index was built with text model {self._loaded.embedding_model}, the server has {model_id}"
+            )
+        query = text_query(encode(text)[None, :], self._loaded.collaborative_dim, self._loaded.build)
+        return self._search(query, n, self._exclusions(exclude_item_ids))
+
+    def similar_items(self, item_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
+        self._check_n(n)
+        if not item_id:
+            raise InvalidArgument("item_id is empty")
+        row = self._loaded.item_row.get(item_id)
+        if row is None:
+            raise NotFound(f"item {item_id!r} is not in index version {self._loaded.version}")
+        exclude = np.append(self._exclusions(exclude_item_ids), row)
+        return self._search(self._loaded.index.vector(row)[None, :], n, exclude)

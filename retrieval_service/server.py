@@ -1,0 +1,102 @@
+"""The retrieval gRPC server: Retrieve and SimilarItems over the loaded index."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import faiss
+import grpc
+import numpy as np
+
+from retrieval_service.artifact import load_index_artifact
+from retrieval_service.retriever import Candidates, Retriever, TextModelSlot
+from shared.config import EmbeddingSettings, RetrievalSettings
+from shared.errors import InvalidArgument, grpc_errors
+from shared.grpc_server import RunningServer, start_server
+from shared.logs import event
+from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "vitrine.v1.Retrieval"
+
+
+def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
+    return retrieval_pb2.RetrieveResponse(
+        candidates=[
+            retrieval_pb2.Candidate(item_id=item_id, score=score, source=candidates.source)
+            for item_id, score in zip(candidates.item_ids, candidates.scores, strict=True)
+        ],
+        index_version=candidates.index_version,
+        dimension=candidates.dimension,
+    )
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
+    def __init__(self, retriever: Retriever) -> None:
+        self._retriever = retriever
+
+    @grpc_errors
+    def Retrieve(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        exclude = list(request.exclude_item_ids)
+        query = request.WhichOneof("query")
+        if query == "user_id":
+            candidates = self._retriever.by_user(request.user_id, request.n, exclude)
+        elif query == "history":
+            candidates = self._retriever.by_history(
+                list(request.history.item_ids), list(request.history.weights), request.n, exclude
+            )
+        elif query == "vector":
+            candidates = self._retriever.by_vector(list(request.vector.values), request.n, exclude)
+        elif query == "text":
+            candidates = self._retriever.by_text(request.text, request.n, exclude)
+        else:
+            raise InvalidArgument("set one query: user_id, history, vector or text")
+        return _response(candidates)
+
+    @grpc_errors
+    def SimilarItems(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.SimilarItemsRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.RetrieveResponse:
+        return _response(self._retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
+
+
+def _load_text_model(slot: TextModelSlot, settings: EmbeddingSettings) -> None:
+    try:
+        from shared.embeddings import SentenceTransformerEmbedder
+
+        embedder = SentenceTransformerEmbedder(settings)
+        slot.set(lambda text: embedder.encode([text])[0], embedder.model_id)
+    except Exception as error:  # the server keeps serving every other query mode
+        log.exception("text model failed to load")
+        slot.fail(str(error))
+
+
+def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
+    """Load the current index artifact and serve it; returns once SERVING."""
+    faiss.omp_set_num_threads(settings.search_threads)
+    loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name)
+    text_model = TextModelSlot()
+    if settings.preload_text_model:
+        threading.Thread(target=_load_text_model, args=(text_model, embedding), daemon=True, name="text-model").start()
+    else:
+        text_model.fail("preload_text_model is off")
+    retriever = Retriever(
+        loaded, settings.max_candidates, settings.max_exclusions, text_model, settings.text_model_wait_s
+    )
+    # Warm the index once so the first caller does not pay for page faults.
+    retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+    running = start_server(
+        SERVICE_NAME,
+        lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(retriever), server),
+        settings.host,
+        settings.port,
+        settings.workers,
+        settings.grace_period_s,
+    )
+    running.set_serving(True)
+    event(log, "retrieval serving", port=running.port, index_version=loaded.version)
+    return running

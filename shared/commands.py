@@ -1,0 +1,141 @@
+"""Shared CLI commands: ``datagen``, ``build`` (the offline pipeline) and ``demo``.
+
+``build`` and ``demo`` compose the services through their own CLI commands and gRPC,
+never through their Python modules: the ranker is trained against a real retrieval
+server process, just as it is served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from shared.cli import Command, CommandRegistry
+
+SERVER_START_TIMEOUT_S = 180.0
+
+
+def _configure_datagen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--users", type=int, default=3_000)
+    parser.add_argument("--events", type=int, default=220_000)
+
+
+def _run_datagen(args: argparse.Namespace) -> int:
+    from shared.datagen import GeneratorConfig, write_default_dataset
+
+    started = time.perf_counter()
+    config = GeneratorConfig(seed=args.seed, n_items=args.items, n_users=args.users, n_events=args.events)
+    dataset = write_default_dataset(args.out, config)
+    print(f"dataset {args.out}: {dataset.counts()} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def vitrine_command(*args: str) -> list[str]:
+    """Argv that runs the ``vitrine`` CLI with this interpreter."""
+    return [sys.executable, "-m", "shared.cli", *args]
+
+
+@contextlib.contextmanager
+def server_process(argv: Sequence[str], port_file: Path, log_file: Path) -> Iterator[int]:
+    """Run a ``vitrine serve ...`` process; yield its port once serving; SIGTERM on exit."""
+    port_file.unlink(missing_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen([*argv, "--port", "0", "--port-file", str(port_file)], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+            while not port_file.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}; see {log_file}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{' '.join(argv)} not serving after {SERVER_START_TIMEOUT_S}s; see {log_file}")
+                time.sleep(0.1)
+            yield int(port_file.read_text())
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def _run_step(*argv: str) -> None:
+    """Run another ``vitrine`` command in this process (through the command registry)."""
+    from shared.cli import main
+
+    code = main(list(argv))
+    if code:
+        raise RuntimeError(f"vitrine {' '.join(argv)} failed with exit code {code}")
+
+
+def run_build(data: Path, out: Path) -> None:
+    """Training index (before the label cutoff) -> ranker trained against it -> serving index."""
+    from shared.config import load_settings
+    from shared.data import load_dataset
+
+    settings = load_settings()
+    dataset = load_dataset(data)
+    cutoff = dataset.events.time_at(1.0 - settings.ranker_build.label_window)
+    print(f"[1/3] training index from events before {cutoff}", flush=True)
+    _run_step("build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff))
+    print("[2/3] ranker trained on candidates from a retrieval server over that index", flush=True)
+    run_dir = out / "logs"
+    with server_process(
+        vitrine_command("serve", "retrieval", "--artifacts", str(out), "--index-name", "index-train"),
+        run_dir / "retrieval-train.port",
+        run_dir / "retrieval-train.log",
+    ) as port:
+        _run_step(
+            "train-ranker",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--retrieval",
+            f"127.0.0.1:{port}",
+            "--cutoff",
+            str(cutoff),
+        )
+    print("[3/3] serving index from all events", flush=True)
+    _run_step("build-index", "--data", str(data), "--out", str(out))
+
+
+def _configure_build(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--out", type=Path, required=True, help="artifact root")
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    run_build(args.data, args.out)
+    print(f"artifacts in {args.out} after {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+def _configure_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path, default=Path("var/demo"), help="data, artifacts and logs go here")
+    parser.add_argument("--rebuild", action="store_true", help="regenerate data and artifacts")
+    parser.add_argument("--users", type=int, default=3, help="how many known users to show")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from shared.demo import run_demo
+
+    return run_demo(args.workdir, args.rebuild, args.users)
+
+
+def register(registry: CommandRegistry) -> None:
+    registry.add(Command("datagen", "generate the embedded retail dataset", _configure_datagen, _run_datagen))
+    registry.add(Command("build", "run the offline pipeline: indexes and ranker", _configure_build, _run_build))
+    registry.add(Command("demo", "generate, build, serve and show recommendations", _configure_demo, _run_demo))

