@@ -50,8 +50,7 @@ def write_ranker_artifact(
     metrics: dict[str, Any],
     name: str = DEFAULT_NAME,
 ) -> Artifact:
-    writer = ArtifactWriter(root, name)
-    try:
+    with ArtifactWriter(root, name) as writer:
         booster.save_model(str(writer.path("model.txt")))
         writer.save_json("features.json", {"names": list(FEATURE_NAMES), "categorical": list(CATEGORICAL_FEATURES)})
         for field in _ITEM_FIELDS:
@@ -63,9 +62,6 @@ def write_ranker_artifact(
         writer.save_array("events/event_code.npy", events.event_code)
         writer.save_array("events/timestamp.npy", events.timestamp)
         artifact = writer.commit(KIND, {**params, "snapshot_at": snapshot_at}, metrics)
-    except BaseException:
-        writer.abort()
-        raise
     event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
 

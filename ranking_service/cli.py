@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.cli import Command, CommandRegistry
+from shared.cli import Command, CommandRegistry, add_server_arguments, server_overrides
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +49,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root holding ranker/CURRENT")
+    add_server_arguments(parser, "ranker/CURRENT")
     parser.add_argument("--retrieval", default=None, help="HOST:PORT of the retrieval service")
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
-    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -61,14 +58,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from shared.config import load_settings
     from shared.grpc_server import serve_until_signalled, write_port_file
 
-    settings = load_settings(
-        ranking={
-            "artifacts": args.artifacts,
-            "retrieval_target": args.retrieval,
-            "host": args.host,
-            "port": args.port,
-        }
-    )
+    settings = load_settings(ranking={**server_overrides(args), "retrieval_target": args.retrieval})
     running = start_ranking_server(settings.ranking)
     write_port_file(args.port_file, running.port)
     serve_until_signalled(running)

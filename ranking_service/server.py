@@ -98,10 +98,7 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
     running = start_server(
         SERVICE_NAME,
         lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(pipeline, settings), server),
-        settings.host,
-        settings.port,
-        settings.workers,
-        settings.grace_period_s,
+        settings,
     )
     running.set_serving(True)
     event(log, "ranking serving", port=running.port, model_version=ranker.version, retrieval=settings.retrieval_target)

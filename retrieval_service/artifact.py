@@ -81,8 +81,7 @@ def build_index_artifact(
     popularity = item_popularity(dataset, cutoff, settings)
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
 
-    writer = ArtifactWriter(root, name)
-    try:
+    with ArtifactWriter(root, name) as writer:
         faiss.write_index(index, str(writer.path("index.faiss")))
         writer.save_array("item_ids.npy", catalog.item_ids)
         writer.save_array("item_vectors.npy", stored_vectors)
@@ -111,9 +110,6 @@ def build_index_artifact(
             "build_seconds": round(time.perf_counter() - started, 2),
         }
         artifact = writer.commit(KIND, params, metrics)
-    except BaseException:
-        writer.abort()
-        raise
     event(log, "index artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.cli import Command, CommandRegistry
+from shared.cli import Command, CommandRegistry, add_server_arguments, server_overrides
 
 
 def _configure_build(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +30,8 @@ def _run_build(args: argparse.Namespace) -> int:
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifacts", type=Path, default=None, help="artifact root holding index/CURRENT")
+    add_server_arguments(parser, "index/CURRENT")
     parser.add_argument("--index-name", default=None, help="artifact name to serve (default: index)")
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
-    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -42,14 +39,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from shared.config import load_settings
     from shared.grpc_server import serve_until_signalled, write_port_file
 
-    settings = load_settings(
-        retrieval={
-            "artifacts": args.artifacts,
-            "index_name": args.index_name,
-            "host": args.host,
-            "port": args.port,
-        }
-    )
+    settings = load_settings(retrieval={**server_overrides(args), "index_name": args.index_name})
     running = start_retrieval_server(settings.retrieval, settings.embedding)
     write_port_file(args.port_file, running.port)
     serve_until_signalled(running)

@@ -92,10 +92,7 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
     running = start_server(
         SERVICE_NAME,
         lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(retriever), server),
-        settings.host,
-        settings.port,
-        settings.workers,
-        settings.grace_period_s,
+        settings,
     )
     running.set_serving(True)
     event(log, "retrieval serving", port=running.port, index_version=loaded.version)

@@ -75,7 +75,8 @@ class ArtifactWriter:
     """Write files into a staging directory, then :meth:`commit` to publish them.
 
     Nothing is visible under the version name until ``commit`` has written the
-    manifest, renamed the directory into place and moved ``CURRENT``.
+    manifest, renamed the directory into place and moved ``CURRENT``. Used as a
+    context manager, an exception discards the staging directory.
     """
 
     def __init__(self, root: Path, name: str, version: str | None = None) -> None:
@@ -132,6 +133,14 @@ class ArtifactWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        # Whatever went wrong, leave no half-written staging directory behind.
+        if exc_type is not None:
+            self.abort()
 
 
 def set_current(root: Path, name: str, version: str) -> None:

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from shared.artifacts import ArtifactError
 from shared.config import SettingsError
@@ -46,6 +47,18 @@ class CommandRegistry:
         if command.name in self.servers:
             raise ValueError(f"server {command.name!r} registered twice")
         self.servers[command.name] = command
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, artifact_hint: str) -> None:
+    """Flags every ``vitrine serve`` command takes; unset flags leave the settings alone."""
+    parser.add_argument("--artifacts", type=Path, default=None, help=f"artifact root holding {artifact_hint}")
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
+    parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+
+
+def server_overrides(args: argparse.Namespace) -> dict[str, object]:
+    return {"artifacts": args.artifacts, "host": args.host, "port": args.port}
 
 
 def load_registry() -> CommandRegistry:

@@ -19,6 +19,7 @@ from pathlib import Path
 from shared.cli import Command, CommandRegistry
 
 SERVER_START_TIMEOUT_S = 180.0
+SERVER_STOP_TIMEOUT_S = 30.0
 
 
 def _configure_datagen(parser: argparse.ArgumentParser) -> None:
@@ -64,10 +65,13 @@ def server_process(argv: Sequence[str], port_file: Path, log_file: Path) -> Iter
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
                 try:
-                    process.wait(timeout=30)
+                    process.wait(timeout=SERVER_STOP_TIMEOUT_S)
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        # Reached only when the body succeeded: the server must have drained and exited cleanly.
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode} on SIGTERM; see {log_file}")
 
 
 def _run_step(*argv: str) -> None:

@@ -61,38 +61,41 @@ class RankerBuildSettings(BaseModel):
     seed: int = 7
 
 
-class RetrievalSettings(BaseModel):
+class ServerSettings(BaseModel):
+    """What every Vitrine gRPC server has."""
+
     host: str = "127.0.0.1"
-    port: int = Field(50051, ge=0, le=65535)
+    port: int = Field(0, ge=0, le=65535)
     artifacts: Path = Path("artifacts")
+    # gRPC worker threads (concurrent requests in flight).
+    workers: int = Field(8, ge=1)
+    max_exclusions: int = Field(10_000, ge=0)
+    # SIGTERM: in-flight requests get this long to finish.
+    grace_period_s: float = Field(5.0, ge=0)
+
+
+class RetrievalSettings(ServerSettings):
+    port: int = Field(50051, ge=0, le=65535)
     index_name: str = "index"
     max_candidates: int = Field(1000, ge=1)
-    max_exclusions: int = Field(10_000, ge=0)
     nprobe: int = Field(32, ge=1)
-    workers: int = Field(8, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
     search_threads: int = Field(1, ge=1)
     # Load the text model in the background at start so the first text query is fast.
     preload_text_model: bool = True
     text_model_wait_s: float = Field(30.0, gt=0)
-    grace_period_s: float = Field(5.0, ge=0)
 
 
-class RankingSettings(BaseModel):
-    host: str = "127.0.0.1"
+class RankingSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535)
-    artifacts: Path = Path("artifacts")
     retrieval_target: str = "127.0.0.1:50051"
     max_k: int = Field(100, ge=1)
-    max_exclusions: int = Field(10_000, ge=0)
     candidates: int = Field(300, ge=1)
     # Budget for the retrieval call when the caller set no deadline.
     retrieval_timeout_s: float = Field(1.0, gt=0)
     history_length: int = Field(30, ge=1)
     query_half_life_days: float = Field(14.0, gt=0)
-    workers: int = Field(8, ge=1)
     predict_threads: int = Field(1, ge=1)
-    grace_period_s: float = Field(5.0, ge=0)
 
 
 class VitrineSettings(BaseSettings):

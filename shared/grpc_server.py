@@ -20,6 +20,7 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shared.config import ServerSettings
 from shared.logs import event
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,10 @@ class RunningServer:
         event(log, "server stopped", service=self.service_name, port=self.port)
 
 
-def start_server(
-    service_name: str,
-    register: Callable[[grpc.Server], None],
-    host: str,
-    port: int,
-    workers: int,
-    grace_period_s: float,
-) -> RunningServer:
+def start_server(service_name: str, register: Callable[[grpc.Server], None], settings: ServerSettings) -> RunningServer:
     """Start a server with ``register`` adding the service; health starts NOT_SERVING."""
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=service_name),
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=service_name),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -66,13 +60,17 @@ def start_server(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     register(server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{settings.host}:{settings.port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpcio raises instead of returning 0 on some failures
+        raise OSError(f"{service_name}: cannot bind {address}: {error}") from error
     if bound == 0:
-        raise OSError(f"{service_name}: cannot bind {host}:{port} (in use or not permitted)")
+        raise OSError(f"{service_name}: cannot bind {address} (in use or not permitted)")
     server.start()
-    running = RunningServer(server, health_servicer, service_name, bound, grace_period_s)
+    running = RunningServer(server, health_servicer, service_name, bound, settings.grace_period_s)
     running.set_serving(False)
-    event(log, "server listening", service=service_name, host=host, port=bound)
+    event(log, "server listening", service=service_name, host=settings.host, port=bound)
     return running
 
 

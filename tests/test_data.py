@@ -26,22 +26,21 @@ def test_missing_directory_descriptor(tmp_path: Path) -> None:
         load_dataset(tmp_path)
 
 
+def _set_cell(path: Path, column: str, row: int, value: str) -> None:
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[row] = value
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values)), path)
+
+
 def test_unknown_event_type_names_the_row(saved: Path) -> None:
-    table = pq.read_table(saved / "events.parquet")
-    types = table.column("event_type").to_pylist()
-    types[3] = "teleport"
-    table = table.set_column(table.schema.get_field_index("event_type"), "event_type", pa.array(types))
-    pq.write_table(table, saved / "events.parquet")
+    _set_cell(saved / "events.parquet", "event_type", 3, "teleport")
     with pytest.raises(DatasetError, match=r"row 3: event_type 'teleport' is not one of view, cart, purchase"):
         load_dataset(saved)
 
 
 def test_event_for_unknown_item_is_refused(saved: Path) -> None:
-    table = pq.read_table(saved / "events.parquet")
-    items = table.column("item_id").to_pylist()
-    items[0] = "SKU-ghost"
-    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(items))
-    pq.write_table(table, saved / "events.parquet")
+    _set_cell(saved / "events.parquet", "item_id", 0, "SKU-ghost")
     with pytest.raises(DatasetError, match="SKU-ghost"):
         load_dataset(saved)
 
@@ -53,11 +52,7 @@ def test_missing_column_is_named(saved: Path) -> None:
         load_dataset(saved)
 
 
-def test_duplicate_item_ids_are_refused(saved: Path) -> None:
-    table = pq.read_table(saved / "items.parquet")
-    ids = table.column("item_id").to_pylist()
-    ids[1] = ids[0]
-    table = table.set_column(0, "item_id", pa.array(ids))
-    pq.write_table(table, saved / "items.parquet")
+def test_duplicate_item_ids_are_refused(saved: Path, dataset: Dataset) -> None:
+    _set_cell(saved / "items.parquet", "item_id", 1, str(dataset.catalog.item_ids[0]))
     with pytest.raises(DatasetError, match="must be unique"):
         load_dataset(saved)
