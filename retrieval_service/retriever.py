@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -11,7 +10,7 @@ import numpy.typing as npt
 
 from retrieval_service.artifact import LoadedIndex
 from retrieval_service.vectors import history_query, text_query
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SOURCE_ANN = "ann"
 SOURCE_POPULAR = "popular"
@@ -29,29 +28,12 @@ class Candidates:
     dimension: int
 
 
-class TextModelSlot:
-    """The text model, loaded in the background so start-up stays fast."""
+@dataclass(frozen=True)
+class TextQueryEncoder:
+    """The text model, as the index build used it (``model_id`` must match the index)."""
 
-    def __init__(self) -> None:
-        self._ready = threading.Event()
-        self._encoder: TextEncoder | None = None
-        self._model_id: str | None = None
-        self._error: str | None = None
-
-    def set(self, encoder: TextEncoder, model_id: str) -> None:
-        self._encoder, self._model_id = encoder, model_id
-        self._ready.set()
-
-    def fail(self, error: str) -> None:
-        self._error = error
-        self._ready.set()
-
-    def get(self, timeout_s: float) -> tuple[TextEncoder, str]:
-        if not self._ready.wait(timeout_s):
-            raise Unavailable("the text model is still loading; retry in a few seconds")
-        if self._encoder is None or self._model_id is None:
-            raise FailedPrecondition(f"text queries are disabled: the text model failed to load ({self._error})")
-        return self._encoder, self._model_id
+    encode: TextEncoder
+    model_id: str
 
 
 class Retriever:
@@ -60,14 +42,12 @@ class Retriever:
         loaded: LoadedIndex,
         max_candidates: int,
         max_exclusions: int,
-        text_model: TextModelSlot | None = None,
-        text_wait_s: float = 30.0,
+        text_encoder: TextQueryEncoder | None = None,
     ) -> None:
         self._loaded = loaded
         self._max_candidates = max_candidates
         self._max_exclusions = max_exclusions
-        self._text_model = text_model
-        self._text_wait_s = text_wait_s
+        self._text_encoder = text_encoder
 
     @property
     def loaded(self) -> LoadedIndex:
@@ -166,14 +146,15 @@ class Retriever:
             raise InvalidArgument("text is empty")
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidArgument(f"text has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted")
-        if self._text_model is None:
-            raise FailedPrecondition("text queries are not enabled on this server")
-        encode, model_id = self._text_model.get(self._text_wait_s)
-        if model_id != self._loaded.embedding_model:
+        encoder = self._text_encoder
+        if encoder is None:
+            raise FailedPrecondition("text queries are disabled on this server (setting retrieval.text_queries)")
+        if encoder.model_id != self._loaded.embedding_model:
             raise FailedPrecondition(
-                f"the index was built with text model {self._loaded.embedding_model}, the server has {model_id}"
+                f"the index was built with text model {self._loaded.embedding_model}, "
+                f"the server has {encoder.model_id}; rebuild the index or configure embedding.model_path"
             )
-        query = text_query(encode(text)[None, :], self._loaded.collaborative_dim, self._loaded.build)
+        query = text_query(encoder.encode(text)[None, :], self._loaded.collaborative_dim, self._loaded.build)
         return self._search(query, n, self._exclusions(exclude_item_ids))
 
     def similar_items(self, item_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import faiss
 import grpc
 import numpy as np
 
 from retrieval_service.artifact import load_index_artifact
-from retrieval_service.retriever import Candidates, Retriever, TextModelSlot
+from retrieval_service.retriever import Candidates, Retriever, TextQueryEncoder
 from shared.config import EmbeddingSettings, RetrievalSettings
 from shared.errors import InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
@@ -64,29 +63,19 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         return _response(self._retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
 
 
-def _load_text_model(slot: TextModelSlot, settings: EmbeddingSettings) -> None:
-    try:
-        from shared.embeddings import SentenceTransformerEmbedder
+def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
+    from shared.embeddings import SentenceTransformerEmbedder
 
-        embedder = SentenceTransformerEmbedder(settings)
-        slot.set(lambda text: embedder.encode([text])[0], embedder.model_id)
-    except Exception as error:  # the server keeps serving every other query mode
-        log.exception("text model failed to load")
-        slot.fail(str(error))
+    embedder = SentenceTransformerEmbedder(settings)
+    return TextQueryEncoder(encode=lambda text: embedder.encode([text])[0], model_id=embedder.model_id)
 
 
 def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
     """Load the current index artifact and serve it; returns once SERVING."""
     faiss.omp_set_num_threads(settings.search_threads)
     loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name)
-    text_model = TextModelSlot()
-    if settings.preload_text_model:
-        threading.Thread(target=_load_text_model, args=(text_model, embedding), daemon=True, name="text-model").start()
-    else:
-        text_model.fail("preload_text_model is off")
-    retriever = Retriever(
-        loaded, settings.max_candidates, settings.max_exclusions, text_model, settings.text_model_wait_s
-    )
+    text_encoder = load_text_encoder(embedding) if settings.text_queries else None
+    retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder)
     # Warm the index once so the first caller does not pay for page faults.
     retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
     running = start_server(

@@ -65,7 +65,7 @@ def artifacts(
         dataset, embedder, root, settings.index_build, name="index-train", cutoff=cutoff
     )
     retrieval = start_retrieval_server(
-        RetrievalSettings(artifacts=root, index_name="index-train", port=0, preload_text_model=False),
+        RetrievalSettings(artifacts=root, index_name="index-train", port=0, text_queries=False),
         settings.embedding,
     )
     client = RetrievalClient(f"127.0.0.1:{retrieval.port}")
@@ -101,7 +101,7 @@ class Servers:
 def servers(artifacts: BuiltArtifacts, settings: VitrineSettings) -> Iterator[Servers]:
     """Both real gRPC servers on free loopback ports, called through real stubs."""
     retrieval = start_retrieval_server(
-        RetrievalSettings(artifacts=artifacts.root, port=0, preload_text_model=False, max_candidates=500),
+        RetrievalSettings(artifacts=artifacts.root, port=0, text_queries=False, max_candidates=500),
         settings.embedding,
     )
     ranking = start_ranking_server(

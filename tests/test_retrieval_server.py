@@ -133,7 +133,7 @@ def test_text_query_without_text_model_is_failed_precondition(servers: Servers) 
     with pytest.raises(grpc.RpcError) as caught:
         servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(text="black leather handbag", n=5), timeout=5)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "text" in str(caught.value.details())
+    assert "retrieval.text_queries" in str(caught.value.details())
 
 
 def test_similar_items_of_unknown_item_is_not_found(servers: Servers) -> None:
