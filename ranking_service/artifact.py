@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,30 @@ def write_ranker_artifact(
     return artifact
 
 
+def checked_model_text(path: Path) -> str:
+    """The LightGBM text model, after a structural check.
+
+    LightGBM's parser can crash the whole process on a damaged model string, so a
+    model is handed to it only when its sections are complete and its tree count
+    matches its header.
+    """
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as error:
+        raise ArtifactError(f"{path}: not a LightGBM text model ({error})") from error
+    header = re.search(r"^tree_sizes=(.*)$", text, re.MULTILINE)
+    trees = len(re.findall(r"^Tree=\d+$", text, re.MULTILINE))
+    if (
+        not text.startswith("tree\n")
+        or header is None
+        or "\nend of trees\n" not in text
+        or "\nend of parameters\n" not in text
+        or trees != len(header.group(1).split())
+    ):
+        raise ArtifactError(f"{path}: incomplete or damaged LightGBM model; refusing to load it")
+    return text
+
+
 @dataclass(frozen=True)
 class LoadedRanker:
     version: str
@@ -85,7 +110,7 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
             f"{artifact.path}: the model was trained on features {features.get('names')}, "
             f"this build computes {list(FEATURE_NAMES)}; retrain the ranker"
         )
-    booster = lgb.Booster(model_file=str(artifact.file("model.txt")))
+    booster = lgb.Booster(model_str=checked_model_text(artifact.file("model.txt")))
     items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
     user_ids = artifact.load_array("events/user_ids.npy")
     timestamps = artifact.load_array("events/timestamp.npy")

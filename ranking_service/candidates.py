@@ -2,11 +2,14 @@
 
 The query is the user's recent items (session first) weighted by recency and intent;
 a user with neither gets the retrieval service's answer for the bare user id, which
-is popular items for an id it does not know (cold start).
+is popular items for an id it does not know (cold start). When retrieval is down or
+too slow, the stage answers from this service's own popular items and says so
+(``degraded``): a recommendation that is less personal beats an error on a shop page.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,20 +20,32 @@ from ranking_service.query import history_query
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings
+from shared.errors import Unavailable
+from shared.logs import event
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RetrievedSet:
     candidates: CandidateSet
     index_version: str
+    # Why the fallback answered instead of retrieval ("" when retrieval answered).
+    degraded_reason: str = ""
 
 
 class CandidateStage:
     def __init__(
-        self, items: ItemTable, item_row: dict[str, int], retrieval: RetrievalClient, settings: RankingSettings
+        self,
+        items: ItemTable,
+        item_row: dict[str, int],
+        popular_rows: npt.NDArray[np.int32],
+        retrieval: RetrievalClient,
+        settings: RankingSettings,
     ) -> None:
         self._items = items
         self._item_row = item_row
+        self._popular_rows = popular_rows
         self._retrieval = retrieval
         self._settings = settings
 
@@ -42,8 +57,40 @@ class CandidateStage:
         extra_exclusions: npt.NDArray[np.int32],
         timeout_s: float,
     ) -> RetrievedSet:
+        exclude = np.union1d(history.purchased_rows(), extra_exclusions).astype(np.int32)
+        try:
+            if timeout_s <= 0:
+                raise Unavailable("no time left in the caller's deadline for the retrieval call")
+            return self._from_retrieval(user_id, history, context, exclude, timeout_s)
+        except Unavailable as error:
+            if not self._settings.fallback_to_popular:
+                raise
+            event(log, "retrieval failed; answering from popular items", level=logging.WARNING, error=str(error))
+            return self._fallback(exclude, reason="retrieval_unavailable")
+
+    def _fallback(self, exclude: npt.NDArray[np.int32], reason: str) -> RetrievedSet:
+        n = self._settings.candidates
+        rows = self._popular_rows[: n + len(exclude)]
+        rows = rows[~np.isin(rows, exclude)][:n]
+        return RetrievedSet(
+            candidates=CandidateSet(
+                rows=rows.astype(np.int32),
+                retrieval_scores=(1.0 / (1.0 + np.arange(len(rows)))).astype(np.float32),
+                from_popular=True,
+            ),
+            index_version="",
+            degraded_reason=reason,
+        )
+
+    def _from_retrieval(
+        self,
+        user_id: str,
+        history: UserHistory,
+        context: RequestContext,
+        exclude: npt.NDArray[np.int32],
+        timeout_s: float,
+    ) -> RetrievedSet:
         item_ids = self._items.item_ids
-        exclude = np.union1d(history.purchased_rows(), extra_exclusions).astype(np.int64)
         exclude_ids = item_ids[exclude].tolist()
         n = self._settings.candidates
         if len(history) or len(context.session_rows):

@@ -24,8 +24,15 @@ from ranking_service.store import UserHistory
 from shared.config import RankingSettings
 from shared.data import DEVICES
 from shared.errors import InvalidArgument
+from shared.telemetry import CANDIDATES, DEGRADED, STAGE_LATENCY
+
+# The label under which this service's metrics are recorded.
+RANKING_SERVICE = "vitrine.v1.Ranking"
 
 MAX_SESSION_ITEMS = 50
+MAX_ID_CHARS = 256
+# 3000-01-01: anything later is a unit mistake (milliseconds sent as seconds).
+MAX_TIMESTAMP = 32_503_680_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Recommendation:
     model_version: str
     index_version: str
     cold_start: bool
+    degraded_reason: str
     removed_by_rules: dict[str, int]
     stage_ms: dict[str, float]
 
@@ -63,25 +71,36 @@ class RankingPipeline:
     def __init__(self, ranker: LoadedRanker, retrieval: RetrievalClient, settings: RankingSettings) -> None:
         self.ranker = ranker
         self._settings = settings
-        self._candidates = CandidateStage(ranker.items, ranker.item_row, retrieval, settings)
+        self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
         self._features = FeatureBuilder(ranker.items, ranker.stats)
 
     # -- validation ---------------------------------------------------------------
     def validate(self, query: RecommendQuery) -> None:
         if not query.user_id:
-            raise InvalidArgument("user_id is empty; pass the caller's user id (any id; unknown ids get popular items)")
+            raise InvalidArgument(
+                "user_id is empty; pass the caller's user id (any id; unknown ids get popular items)", field="user_id"
+            )
+        if len(query.user_id) > MAX_ID_CHARS:
+            raise InvalidArgument(
+                f"user_id has {len(query.user_id)} characters; at most {MAX_ID_CHARS}", field="user_id"
+            )
         if not 1 <= query.k <= self._settings.max_k:
-            raise InvalidArgument(f"k must be between 1 and {self._settings.max_k}, got {query.k}")
+            raise InvalidArgument(f"k must be between 1 and {self._settings.max_k}, got {query.k}", field="k")
         if len(query.exclude_item_ids) > self._settings.max_exclusions:
             raise InvalidArgument(
-                f"exclude_item_ids has {len(query.exclude_item_ids)} ids; at most {self._settings.max_exclusions}"
+                f"exclude_item_ids has {len(query.exclude_item_ids)} ids; at most {self._settings.max_exclusions}",
+                field="exclude_item_ids",
             )
         if len(query.session_item_ids) > MAX_SESSION_ITEMS:
             raise InvalidArgument(
-                f"context.session_item_ids has {len(query.session_item_ids)} ids; send the last {MAX_SESSION_ITEMS}"
+                f"context.session_item_ids has {len(query.session_item_ids)} ids; send the last {MAX_SESSION_ITEMS}",
+                field="context.session_item_ids",
             )
-        if query.timestamp < 0:
-            raise InvalidArgument(f"context.timestamp must be unix seconds >= 0, got {query.timestamp}")
+        if not 0 <= query.timestamp <= MAX_TIMESTAMP:
+            raise InvalidArgument(
+                f"context.timestamp must be unix seconds in 0..{MAX_TIMESTAMP} (0 = now), got {query.timestamp}",
+                field="context.timestamp",
+            )
 
     def _rows(self, item_ids: Sequence[str]) -> npt.NDArray[np.int32]:
         row_of = self.ranker.item_row
@@ -108,6 +127,7 @@ class RankingPipeline:
             nonlocal started
             now = time.perf_counter()
             stage_ms[stage] = round((now - started) * 1000.0, 3)
+            STAGE_LATENCY.labels(RANKING_SERVICE, stage).observe(now - started)
             started = now
 
         timestamp = query.timestamp or int(time.time())
@@ -122,6 +142,9 @@ class RankingPipeline:
 
         retrieved = self._candidates.retrieve(query.user_id, history, context, excluded, timeout_s)
         lap("retrieve")
+        CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))
+        if retrieved.degraded_reason:
+            DEGRADED.labels(RANKING_SERVICE, retrieved.degraded_reason).inc()
         features = self.features(history, context, retrieved.candidates)
         lap("features")
         scores = self.score(features)
@@ -150,6 +173,7 @@ class RankingPipeline:
             model_version=self.ranker.version,
             index_version=retrieved.index_version,
             cold_start=cold_start,
+            degraded_reason=retrieved.degraded_reason,
             removed_by_rules=outcome.removed,
             stage_ms=stage_ms,
         )

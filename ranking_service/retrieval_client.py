@@ -10,7 +10,6 @@ import numpy as np
 import numpy.typing as npt
 
 from shared.errors import InvalidArgument, Unavailable
-from shared.grpc_server import MAX_MESSAGE_BYTES
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 SOURCE_POPULAR = "popular"
@@ -25,12 +24,12 @@ class RetrievedCandidates:
 
 
 class RetrievalClient:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, max_message_bytes: int = 4 * 1024 * 1024) -> None:
         self._channel = grpc.insecure_channel(
             target,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
             ],
         )
         self._stub = retrieval_pb2_grpc.RetrievalStub(self._channel)

@@ -7,18 +7,21 @@ import uuid
 
 import grpc
 
+from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
-from ranking_service.pipeline import RankingPipeline, RecommendQuery
+from ranking_service.pipeline import RANKING_SERVICE, RankingPipeline, RecommendQuery
 from ranking_service.retrieval_client import RetrievalClient
+from shared.artifacts import current_version
 from shared.config import RankingSettings
-from shared.errors import Unavailable, grpc_errors
+from shared.errors import grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.logs import event
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
+from shared.reloading import Reloadable
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "vitrine.v1.Ranking"
+SERVICE_NAME = RANKING_SERVICE
 DEVICE_NAMES = {
     ranking_pb2.DEVICE_WEB: "web",
     ranking_pb2.DEVICE_IOS: "ios",
@@ -29,17 +32,17 @@ OWN_BUDGET_S = 0.02
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
-    def __init__(self, pipeline: RankingPipeline, settings: RankingSettings) -> None:
-        self._pipeline = pipeline
+    def __init__(self, served: Reloadable[RankingPipeline], settings: RankingSettings) -> None:
+        # Each request takes the current pipeline once: a hot swap never changes it mid-request.
+        self._served = served
         self._settings = settings
 
     def _retrieval_timeout(self, context: grpc.ServicerContext) -> float:
+        """What is left of the caller's deadline minus our own budget; <= 0 means use the fallback."""
         remaining = context.time_remaining()
         timeout = self._settings.retrieval_timeout_s
         if remaining is not None:
             timeout = min(timeout, remaining - OWN_BUDGET_S)
-        if timeout <= 0:
-            raise Unavailable("the caller's deadline leaves no time to retrieve candidates; allow more time")
         return timeout
 
     @grpc_errors
@@ -55,8 +58,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             session_item_ids=list(request.context.session_item_ids),
             exclude_item_ids=list(request.exclude_item_ids),
         )
-        self._pipeline.validate(query)
-        result = self._pipeline.recommend(query, self._retrieval_timeout(context))
+        pipeline = self._served.get()
+        result = pipeline.recommend(query, self._retrieval_timeout(context))
         event(
             log,
             "recommend",
@@ -65,6 +68,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             k=request.k,
             returned=len(result.items),
             cold_start=result.cold_start,
+            degraded=result.degraded_reason or None,
             model_version=result.model_version,
             index_version=result.index_version,
             removed_by_rules=result.removed_by_rules,
@@ -87,19 +91,30 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             model_version=result.model_version,
             index_version=result.index_version,
             cold_start=result.cold_start,
+            degraded=bool(result.degraded_reason),
         )
 
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
     """Load the current ranker artifact, connect to retrieval, serve; returns once SERVING."""
-    ranker = load_ranker_artifact(settings.artifacts)
-    retrieval = RetrievalClient(settings.retrieval_target)
-    pipeline = RankingPipeline(ranker, retrieval, settings)
+    retrieval = RetrievalClient(settings.retrieval_target, settings.max_message_bytes)
+
+    def load(version: str | None) -> RankingPipeline:
+        return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings)
+
+    served = Reloadable(
+        SERVICE_NAME,
+        RANKER_ARTIFACT,
+        load,
+        lambda pipeline: pipeline.ranker.version,
+        lambda: current_version(settings.artifacts, RANKER_ARTIFACT),
+    )
     running = start_server(
         SERVICE_NAME,
-        lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(pipeline, settings), server),
+        lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(served, settings), server),
         settings,
+        served,
     )
     running.set_serving(True)
-    event(log, "ranking serving", port=running.port, model_version=ranker.version, retrieval=settings.retrieval_target)
+    event(log, "ranking serving", port=running.port, model_version=served.version, retrieval=settings.retrieval_target)
     return running

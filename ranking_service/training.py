@@ -222,8 +222,9 @@ def train_ranker_artifact(
     requests = replay_requests(dataset, cutoff, settings)
     histories = UserHistoryStore(dataset.events, dataset.users.user_ids)
     stats = item_stats(dataset.events, len(items), cutoff)
-    serving_for_training = serving.model_copy(update={"candidates": settings.candidates})
-    candidate_stage = CandidateStage(items, items.row_of(), retrieval, serving_for_training)
+    # Training must see real retrieval answers: a silent popular-items fallback would poison it.
+    serving_for_training = serving.model_copy(update={"candidates": settings.candidates, "fallback_to_popular": False})
+    candidate_stage = CandidateStage(items, items.row_of(), stats.popular_rows, retrieval, serving_for_training)
     builder = FeatureBuilder(items, stats)
     event(log, "replaying requests", requests=len(requests), cutoff=cutoff, candidates=settings.candidates)
     train = assemble([r for r in requests if not r.holdout], histories, candidate_stage, builder, "train requests")

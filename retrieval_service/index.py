@@ -78,6 +78,8 @@ class VectorIndex:
     def __init__(self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int) -> None:
         if index.ntotal != len(vectors):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(vectors)} item vectors were given")
+        if vectors.ndim != 2 or vectors.shape[1] != index.d:
+            raise ValueError(f"index has dimension {index.d} but the item vectors have shape {vectors.shape}")
         self._index = index
         self._vectors = vectors
         self._nprobe = nprobe

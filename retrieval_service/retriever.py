@@ -55,12 +55,13 @@ class Retriever:
 
     def _check_n(self, n: int) -> None:
         if not 1 <= n <= self._max_candidates:
-            raise InvalidArgument(f"n must be between 1 and {self._max_candidates}, got {n}")
+            raise InvalidArgument(f"n must be between 1 and {self._max_candidates}, got {n}", field="n")
 
     def _exclusions(self, item_ids: Sequence[str]) -> npt.NDArray[np.int64]:
         if len(item_ids) > self._max_exclusions:
             raise InvalidArgument(
-                f"exclude_item_ids has {len(item_ids)} ids; at most {self._max_exclusions} are accepted"
+                f"exclude_item_ids has {len(item_ids)} ids; at most {self._max_exclusions} are accepted",
+                field="exclude_item_ids",
             )
         rows = [self._loaded.item_row[item_id] for item_id in item_ids if item_id in self._loaded.item_row]
         return np.asarray(rows, dtype=np.int64)
@@ -94,7 +95,7 @@ class Retriever:
     def by_user(self, user_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
         if not user_id:
-            raise InvalidArgument("user_id is empty")
+            raise InvalidArgument("user_id is empty", field="user_id")
         row = self._loaded.user_row.get(user_id)
         if row is None:
             return self.popular(n, exclude_item_ids)
@@ -106,14 +107,15 @@ class Retriever:
     ) -> Candidates:
         self._check_n(n)
         if not item_ids:
-            raise InvalidArgument("history.item_ids is empty; send at least one item id")
+            raise InvalidArgument("history.item_ids is empty; send at least one item id", field="history.item_ids")
         if weights and len(weights) != len(item_ids):
             raise InvalidArgument(
-                f"history.weights has {len(weights)} values for {len(item_ids)} item ids; send one per item or none"
+                f"history.weights has {len(weights)} values for {len(item_ids)} item ids; send one per item or none",
+                field="history.weights",
             )
         weight_array = np.asarray(weights if weights else [1.0] * len(item_ids), dtype=np.float32)
         if not np.all(np.isfinite(weight_array)) or np.any(weight_array < 0):
-            raise InvalidArgument("history.weights must be finite and >= 0")
+            raise InvalidArgument("history.weights must be finite and >= 0", field="history.weights")
         known = [
             (self._loaded.item_row[i], w)
             for i, w in zip(item_ids, weight_array, strict=True)
@@ -131,21 +133,25 @@ class Retriever:
         self._check_n(n)
         dimension = self._loaded.index.dimension
         if len(values) != dimension:
-            raise InvalidArgument(f"vector has {len(values)} values; this index expects {dimension}")
+            raise InvalidArgument(
+                f"vector has {len(values)} values; this index expects {dimension}", field="vector.values"
+            )
         query = np.asarray(values, dtype=np.float32)[None, :]
         if not np.all(np.isfinite(query)):
-            raise InvalidArgument("vector values must be finite numbers")
+            raise InvalidArgument("vector values must be finite numbers", field="vector.values")
         if not np.any(query):
-            raise InvalidArgument("vector is all zeros; it matches nothing")
+            raise InvalidArgument("vector is all zeros; it matches nothing", field="vector.values")
         return self._search(query, n, self._exclusions(exclude_item_ids))
 
     def by_text(self, text: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
         text = text.strip()
         if not text:
-            raise InvalidArgument("text is empty")
+            raise InvalidArgument("text is empty", field="text")
         if len(text) > MAX_TEXT_CHARS:
-            raise InvalidArgument(f"text has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted")
+            raise InvalidArgument(
+                f"text has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted", field="text"
+            )
         encoder = self._text_encoder
         if encoder is None:
             raise FailedPrecondition("text queries are disabled on this server (setting retrieval.text_queries)")
@@ -160,9 +166,9 @@ class Retriever:
     def similar_items(self, item_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
         if not item_id:
-            raise InvalidArgument("item_id is empty")
+            raise InvalidArgument("item_id is empty", field="item_id")
         row = self._loaded.item_row.get(item_id)
         if row is None:
-            raise NotFound(f"item {item_id!r} is not in index version {self._loaded.version}")
+            raise NotFound(f"item {item_id!r} is not in index version {self._loaded.version}", field="item_id")
         exclude = np.append(self._exclusions(exclude_item_ids), row)
         return self._search(self._loaded.index.vector(row)[None, :], n, exclude)

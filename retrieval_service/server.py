@@ -10,11 +10,13 @@ import numpy as np
 
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.retriever import Candidates, Retriever, TextQueryEncoder
+from shared.artifacts import current_version
 from shared.config import EmbeddingSettings, RetrievalSettings
 from shared.errors import InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.logs import event
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+from shared.reloading import Reloadable
 
 log = logging.getLogger(__name__)
 
@@ -33,34 +35,37 @@ def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    def __init__(self, retriever: Retriever) -> None:
-        self._retriever = retriever
+    def __init__(self, served: Reloadable[Retriever]) -> None:
+        # Each request takes the current retriever once: a hot swap never changes it mid-request.
+        self._served = served
 
     @grpc_errors
     def Retrieve(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.RetrieveRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
+        retriever = self._served.get()
         exclude = list(request.exclude_item_ids)
         query = request.WhichOneof("query")
         if query == "user_id":
-            candidates = self._retriever.by_user(request.user_id, request.n, exclude)
+            candidates = retriever.by_user(request.user_id, request.n, exclude)
         elif query == "history":
-            candidates = self._retriever.by_history(
+            candidates = retriever.by_history(
                 list(request.history.item_ids), list(request.history.weights), request.n, exclude
             )
         elif query == "vector":
-            candidates = self._retriever.by_vector(list(request.vector.values), request.n, exclude)
+            candidates = retriever.by_vector(list(request.vector.values), request.n, exclude)
         elif query == "text":
-            candidates = self._retriever.by_text(request.text, request.n, exclude)
+            candidates = retriever.by_text(request.text, request.n, exclude)
         else:
-            raise InvalidArgument("set one query: user_id, history, vector or text")
+            raise InvalidArgument("set one query: user_id, history, vector or text", field="query")
         return _response(candidates)
 
     @grpc_errors
     def SimilarItems(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.SimilarItemsRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
-        return _response(self._retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
+        retriever = self._served.get()
+        return _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
 
 
 def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
@@ -73,16 +78,28 @@ def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
 def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
     """Load the current index artifact and serve it; returns once SERVING."""
     faiss.omp_set_num_threads(settings.search_threads)
-    loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name)
     text_encoder = load_text_encoder(embedding) if settings.text_queries else None
-    retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder)
-    # Warm the index once so the first caller does not pay for page faults.
-    retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+
+    def load(version: str | None) -> Retriever:
+        loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name, version)
+        retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder)
+        # One search before serving: the first caller should not pay for page faults.
+        retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+        return retriever
+
+    served = Reloadable(
+        SERVICE_NAME,
+        settings.index_name,
+        load,
+        lambda retriever: retriever.loaded.version,
+        lambda: current_version(settings.artifacts, settings.index_name),
+    )
     running = start_server(
         SERVICE_NAME,
-        lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(retriever), server),
+        lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(served), server),
         settings,
+        served,
     )
     running.set_serving(True)
-    event(log, "retrieval serving", port=running.port, index_version=loaded.version)
+    event(log, "retrieval serving", port=running.port, index_version=served.version)
     return running

@@ -55,10 +55,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, artifact_hint: str) ->
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
     parser.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
+    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: a free one)")
 
 
 def server_overrides(args: argparse.Namespace) -> dict[str, object]:
-    return {"artifacts": args.artifacts, "host": args.host, "port": args.port}
+    return {"artifacts": args.artifacts, "host": args.host, "port": args.port, "metrics_port": args.metrics_port}
 
 
 def load_registry() -> CommandRegistry:

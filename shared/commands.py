@@ -51,7 +51,9 @@ def server_process(argv: Sequence[str], port_file: Path, log_file: Path) -> Iter
     port_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
-        process = subprocess.Popen([*argv, "--port", "0", "--port-file", str(port_file)], stdout=log, stderr=log)
+        process = subprocess.Popen(
+            [*argv, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)], stdout=log, stderr=log
+        )
         try:
             deadline = time.monotonic() + SERVER_START_TIMEOUT_S
             while not port_file.exists():

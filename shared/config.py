@@ -72,10 +72,18 @@ class ServerSettings(BaseModel):
     max_exclusions: int = Field(10_000, ge=0)
     # SIGTERM: in-flight requests get this long to finish.
     grace_period_s: float = Field(5.0, ge=0)
+    # Beyond this many RPCs in flight, gRPC rejects at once with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = Field(32, ge=1)
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Prometheus /metrics over HTTP; None disables it, 0 picks a free port.
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Poll <artifacts>/<name>/CURRENT this often and hot-swap a new version; 0 disables.
+    reload_poll_s: float = Field(5.0, ge=0)
 
 
 class RetrievalSettings(ServerSettings):
     port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int | None = Field(9151, ge=0, le=65535)
     index_name: str = "index"
     max_candidates: int = Field(1000, ge=1)
     nprobe: int = Field(32, ge=1)
@@ -88,6 +96,9 @@ class RetrievalSettings(ServerSettings):
 
 class RankingSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int | None = Field(9152, ge=0, le=65535)
+    # When retrieval fails or is too slow, answer from popular items (degraded = true).
+    fallback_to_popular: bool = True
     retrieval_target: str = "127.0.0.1:50051"
     max_k: int = Field(100, ge=1)
     candidates: int = Field(300, ge=1)

@@ -1,7 +1,8 @@
 """Errors that map onto gRPC status codes.
 
 Service logic raises these with a message that tells the caller what to fix; the
-servicer decorator :func:`grpc_errors` turns them into the matching status. Anything
+servicer decorator :func:`grpc_errors` turns them into the matching status, with a
+``google.rpc.BadRequest`` detail naming the field when the input was wrong. Anything
 else is a bug and becomes INTERNAL, logged with its traceback.
 """
 
@@ -13,6 +14,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from shared.logs import event
 
@@ -21,6 +25,11 @@ log = logging.getLogger(__name__)
 
 class ServiceError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        # The request field at fault, as a path ("context.session_item_ids"), if any.
+        self.field = field
 
 
 class InvalidArgument(ServiceError):
@@ -39,12 +48,31 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
+def rich_status(error: ServiceError) -> grpc.Status:
+    status = status_pb2.Status(code=error.code.value[0], message=str(error))
+    if error.field is not None:
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=error.field, description=str(error))
+                ]
+            )
+        )
+        status.details.append(detail)
+    return rpc_status.to_status(status)
+
+
 def abort(context: grpc.ServicerContext, error: ServiceError) -> NoReturn:
-    context.abort(error.code, str(error))
-    raise AssertionError("context.abort returned")  # abort always raises
+    context.abort_with_status(rich_status(error))
+    raise AssertionError("abort_with_status returned")  # it always raises
 
 
 def grpc_errors(method: Handler) -> Handler:
@@ -56,7 +84,7 @@ def grpc_errors(method: Handler) -> Handler:
             return method(self, request, context)
         except ServiceError as error:
             event(
-                log, "request rejected", level=logging.INFO, rpc=method.__name__, code=error.code.name, error=str(error)
+                log, "request rejected", rpc=method.__name__, code=error.code.name, field=error.field, error=str(error)
             )
             abort(context, error)
         except Exception:

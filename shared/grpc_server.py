@@ -1,9 +1,11 @@
 """gRPC server bootstrap shared by both services.
 
-Every Vitrine server registers the standard health service (reporting SERVING only
-once its artifacts are loaded), binds to loopback or the configured host, and drains
-on SIGTERM/SIGINT: health goes NOT_SERVING, new calls are refused, in-flight calls get
-the grace period to finish.
+Every Vitrine server gets: the standard health service (SERVING only once its artifacts
+are loaded, NOT_SERVING while draining), server reflection (so grpcurl can list,
+describe and call every RPC), the Admin service, Prometheus metrics for every RPC, a
+hard limit on concurrent RPCs (beyond it gRPC answers RESOURCE_EXHAUSTED at once
+instead of queueing), message size limits, and a drain on SIGTERM/SIGINT: health goes
+NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish.
 """
 
 from __future__ import annotations
@@ -11,21 +13,25 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
+from shared.admin import ADMIN_SERVICE_NAME, AdminServicer
 from shared.config import ServerSettings
 from shared.logs import event
+from shared.proto.vitrine.v1 import admin_pb2_grpc
+from shared.reloading import Reloadable
+from shared.telemetry import MetricsEndpoint, MetricsInterceptor
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -35,6 +41,13 @@ class RunningServer:
     service_name: str
     port: int
     grace_period_s: float
+    metrics: MetricsEndpoint | None = None
+    # Set on stop: background threads (artifact watchers) end with the server.
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -43,23 +56,38 @@ class RunningServer:
 
     def stop(self) -> None:
         self.set_serving(False)
+        self.stopping.set()
         self.server.stop(self.grace_period_s).wait()
+        if self.metrics is not None:
+            self.metrics.close()
         event(log, "server stopped", service=self.service_name, port=self.port)
 
 
-def start_server(service_name: str, register: Callable[[grpc.Server], None], settings: ServerSettings) -> RunningServer:
-    """Start a server with ``register`` adding the service; health starts NOT_SERVING."""
+def start_server(
+    service_name: str,
+    register: Callable[[grpc.Server], None],
+    settings: ServerSettings,
+    served: Reloadable[Any],
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+) -> RunningServer:
+    """Start a server with ``register`` adding the main service; health starts NOT_SERVING."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=service_name),
+        interceptors=[MetricsInterceptor(service_name), *interceptors],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(service_name, served), server)
     register(server)
+    reflection.enable_server_reflection(
+        (service_name, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     address = f"{settings.host}:{settings.port}"
     try:
         bound = server.add_insecure_port(address)
@@ -68,9 +96,14 @@ def start_server(service_name: str, register: Callable[[grpc.Server], None], set
     if bound == 0:
         raise OSError(f"{service_name}: cannot bind {address} (in use or not permitted)")
     server.start()
-    running = RunningServer(server, health_servicer, service_name, bound, settings.grace_period_s)
+    metrics = MetricsEndpoint(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
+    running = RunningServer(server, health_servicer, service_name, bound, settings.grace_period_s, metrics)
     running.set_serving(False)
-    event(log, "server listening", service=service_name, host=settings.host, port=bound)
+    if settings.reload_poll_s > 0:
+        served.watch(settings.reload_poll_s, running.stopping)
+    event(
+        log, "server listening", service=service_name, host=settings.host, port=bound, metrics_port=running.metrics_port
+    )
     return running
 
 

@@ -25,6 +25,7 @@ from shared.artifacts import Artifact
 from shared.config import RankingSettings, RetrievalSettings, VitrineSettings
 from shared.data import Dataset
 from shared.datagen import GeneratorConfig, generate
+from shared.grpc_server import RunningServer
 from shared.proto.vitrine.v1 import ranking_pb2_grpc, retrieval_pb2_grpc
 from tests.fakes import HashingEmbedder
 
@@ -65,7 +66,7 @@ def artifacts(
         dataset, embedder, root, settings.index_build, name="index-train", cutoff=cutoff
     )
     retrieval = start_retrieval_server(
-        RetrievalSettings(artifacts=root, index_name="index-train", port=0, text_queries=False),
+        RetrievalSettings(artifacts=root, index_name="index-train", port=0, metrics_port=None, text_queries=False),
         settings.embedding,
     )
     client = RetrievalClient(f"127.0.0.1:{retrieval.port}")
@@ -90,8 +91,8 @@ def artifacts(
 
 @dataclass(frozen=True)
 class Servers:
-    retrieval_port: int
-    ranking_port: int
+    retrieval_server: RunningServer
+    ranking_server: RunningServer
     retrieval: retrieval_pb2_grpc.RetrievalStub
     ranking: ranking_pb2_grpc.RankingStub
     channels: tuple[grpc.Channel, grpc.Channel]
@@ -101,17 +102,19 @@ class Servers:
 def servers(artifacts: BuiltArtifacts, settings: VitrineSettings) -> Iterator[Servers]:
     """Both real gRPC servers on free loopback ports, called through real stubs."""
     retrieval = start_retrieval_server(
-        RetrievalSettings(artifacts=artifacts.root, port=0, text_queries=False, max_candidates=500),
+        RetrievalSettings(artifacts=artifacts.root, port=0, metrics_port=0, text_queries=False, max_candidates=500),
         settings.embedding,
     )
     ranking = start_ranking_server(
-        RankingSettings(artifacts=artifacts.root, port=0, retrieval_target=f"127.0.0.1:{retrieval.port}", max_k=50)
+        RankingSettings(
+            artifacts=artifacts.root, port=0, metrics_port=0, retrieval_target=f"127.0.0.1:{retrieval.port}", max_k=50
+        )
     )
     retrieval_channel = grpc.insecure_channel(f"127.0.0.1:{retrieval.port}")
     ranking_channel = grpc.insecure_channel(f"127.0.0.1:{ranking.port}")
     yield Servers(
-        retrieval_port=retrieval.port,
-        ranking_port=ranking.port,
+        retrieval_server=retrieval,
+        ranking_server=ranking,
         retrieval=retrieval_pb2_grpc.RetrievalStub(retrieval_channel),
         ranking=ranking_pb2_grpc.RankingStub(ranking_channel),
         channels=(retrieval_channel, ranking_channel),

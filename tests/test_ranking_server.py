@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import grpc
 import numpy as np
 import pytest
@@ -126,24 +128,48 @@ def test_too_many_session_items_is_invalid_argument(servers: Servers) -> None:
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_retrieval_down_is_unavailable_not_internal(artifacts: BuiltArtifacts, dataset: Dataset) -> None:
-    # Nothing listens on this port: the ranking service must say UNAVAILABLE, with a reason.
-    import socket
-
+def _dead_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    ("failure", "fallback"), [("down", True), ("down", False), ("too_slow", True), ("too_slow", False)]
+)
+def test_retrieval_failure_degrades_to_popular_or_is_unavailable(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, failure: str, fallback: bool
+) -> None:
+    """Retrieval down (nothing listening) or slower than its budget: with the fallback the
+    answer is degraded, never an error; without it, UNAVAILABLE with a reason, never INTERNAL."""
+    target = f"127.0.0.1:{_dead_port()}" if failure == "down" else f"127.0.0.1:{servers.retrieval_server.port}"
     ranking = start_ranking_server(
         RankingSettings(
-            artifacts=artifacts.root, port=0, retrieval_target=f"127.0.0.1:{dead_port}", retrieval_timeout_s=0.5
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            retrieval_target=target,
+            retrieval_timeout_s=0.5 if failure == "down" else 1e-6,
+            fallback_to_popular=fallback,
         )
     )
+    user = users_by_activity(dataset)[0]
     try:
         with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
             stub = ranking_pb2_grpc.RankingStub(channel)
-            with pytest.raises(grpc.RpcError) as caught:
-                stub.Recommend(ranking_pb2.RecommendRequest(user_id=users_by_activity(dataset)[0], k=5), timeout=5)
-        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "retrieval service" in str(caught.value.details())
+            request = ranking_pb2.RecommendRequest(
+                user_id=user, k=10, context=ranking_pb2.RequestContext(timestamp=_now(dataset))
+            )
+            if fallback:
+                response = stub.Recommend(request, timeout=5)
+                assert response.degraded
+                assert len(response.items) == 10
+                assert not {item.item_id for item in response.items} & _purchased(dataset, user)
+                assert response.index_version == ""
+            else:
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Recommend(request, timeout=5)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "retrieval service" in str(caught.value.details())
     finally:
         ranking.stop()
