@@ -54,11 +54,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from ranking_service.server import start_ranking_server
+    from ranking_service.server import SERVICE_NAME, start_ranking_server
     from shared.config import load_settings
     from shared.grpc_server import serve_until_signalled, write_port_file
+    from shared.tracing import configure_tracing
 
     settings = load_settings(ranking={**server_overrides(args), "retrieval_target": args.retrieval})
+    configure_tracing(settings.tracing, SERVICE_NAME)
     running = start_ranking_server(settings.ranking)
     write_port_file(args.port_file, running.port)
     serve_until_signalled(running)

@@ -11,8 +11,10 @@ import numpy.typing as npt
 
 from shared.errors import InvalidArgument, Unavailable
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+from shared.tracing import client_span
 
 SOURCE_POPULAR = "popular"
+RETRIEVE_METHOD = "vitrine.v1.Retrieval/Retrieve"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,11 @@ class RetrievalClient:
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
+                # A restarted retrieval replica is picked up within a second, not after
+                # gRPC's default backoff of up to two minutes.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self._stub = retrieval_pb2_grpc.RetrievalStub(self._channel)
@@ -46,7 +53,8 @@ class RetrievalClient:
 
     def _call(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float) -> RetrievedCandidates:
         try:
-            response = self._stub.Retrieve(request, timeout=timeout_s)
+            with client_span(RETRIEVE_METHOD) as metadata:
+                response = self._stub.Retrieve(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as error:
             code = error.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:

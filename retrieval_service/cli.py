@@ -35,11 +35,13 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from retrieval_service.server import start_retrieval_server
+    from retrieval_service.server import SERVICE_NAME, start_retrieval_server
     from shared.config import load_settings
     from shared.grpc_server import serve_until_signalled, write_port_file
+    from shared.tracing import configure_tracing
 
     settings = load_settings(retrieval={**server_overrides(args), "index_name": args.index_name})
+    configure_tracing(settings.tracing, SERVICE_NAME)
     running = start_retrieval_server(settings.retrieval, settings.embedding)
     write_port_file(args.port_file, running.port)
     serve_until_signalled(running)

@@ -109,6 +109,13 @@ class RankingSettings(ServerSettings):
     predict_threads: int = Field(1, ge=1)
 
 
+class TracingSettings(BaseModel):
+    # OTLP/gRPC collector, e.g. "http://otel-collector:4317"; None exports nothing.
+    otlp_endpoint: str | None = None
+    otlp_insecure: bool = True
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class VitrineSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VITRINE_",
@@ -122,6 +129,7 @@ class VitrineSettings(BaseSettings):
     ranker_build: RankerBuildSettings = RankerBuildSettings()
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -30,6 +30,7 @@ from shared.logs import event
 from shared.proto.vitrine.v1 import admin_pb2_grpc
 from shared.reloading import Reloadable
 from shared.telemetry import MetricsEndpoint, MetricsInterceptor
+from shared.tracing import TracingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def start_server(
     """Start a server with ``register`` adding the main service; health starts NOT_SERVING."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=service_name),
-        interceptors=[MetricsInterceptor(service_name), *interceptors],
+        interceptors=[MetricsInterceptor(service_name), TracingInterceptor(), *interceptors],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),

@@ -73,25 +73,33 @@ else:
     ServerInterceptorBase = grpc.ServerInterceptor
 
 
+UnaryBehaviour = Callable[[Any, grpc.ServicerContext], Any]
+Around = Callable[[UnaryBehaviour, Any, grpc.ServicerContext], Any]
+
+
+def wrap_unary(handler: Any, around: Around) -> Any:
+    """Run ``around(inner, request, context)`` in place of a unary-unary handler's behaviour."""
+    if handler is None or handler.unary_unary is None:
+        return handler
+    inner = handler.unary_unary
+    return grpc.unary_unary_rpc_method_handler(
+        lambda request, context: around(inner, request, context),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class MetricsInterceptor(ServerInterceptorBase):
     """Counts and times every unary RPC by method and final status code."""
 
     def __init__(self, service: str) -> None:
         self._service = service
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+    def intercept_service(self, continuation: Any, handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
         service = self._service
 
-        def timed(request: Any, context: grpc.ServicerContext) -> Any:
+        def timed(inner: UnaryBehaviour, request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             IN_FLIGHT.labels(service).inc()
             code = "UNKNOWN"
@@ -109,8 +117,4 @@ class MetricsInterceptor(ServerInterceptorBase):
                 REQUESTS.labels(service, method, code).inc()
                 LATENCY.labels(service, method).observe(time.perf_counter() - started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            timed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrap_unary(continuation(handler_call_details), timed)

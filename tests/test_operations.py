@@ -8,8 +8,10 @@ root, so reloading them does not disturb the session-wide servers of other tests
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -331,6 +333,77 @@ def test_directory_watcher_swaps_new_current_and_skips_a_bad_one(artifacts: Buil
             assert admin_status(admin).refused_reloads == 1
     finally:
         retrieval.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_killed_retrieval_degrades_then_recovers_without_restarting_ranking(
+    artifacts: BuiltArtifacts, dataset: Dataset, tmp_path: Path
+) -> None:
+    port = _free_port()
+    argv = [
+        *vitrine_command("serve", "retrieval", "--artifacts", str(artifacts.root)),
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+    ]
+    env = {**os.environ, "VITRINE_RETRIEVAL__TEXT_QUERIES": "false"}
+
+    def start_retrieval() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=120)
+        return process
+
+    retrieval = start_retrieval()
+    ranking = start_ranking_server(
+        RankingSettings(
+            artifacts=artifacts.root, port=0, metrics_port=None, retrieval_target=f"127.0.0.1:{port}", reload_poll_s=0
+        )
+    )
+    now = int(dataset.events.timestamp.max())
+    users = users_by_activity(dataset)
+    phases: dict[str, Counter[str]] = {}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
+            stub = ranking_pb2_grpc.RankingStub(channel)
+
+            def run_phase(name: str, seconds: float) -> None:
+                outcomes: Counter[str] = Counter()
+                end = time.monotonic() + seconds
+                n = 0
+                while time.monotonic() < end:
+                    request = ranking_pb2.RecommendRequest(
+                        user_id=users[n % 40], k=10, context=ranking_pb2.RequestContext(timestamp=now)
+                    )
+                    try:
+                        response = stub.Recommend(request, timeout=5)
+                        outcomes["degraded" if response.degraded else "normal"] += 1
+                    except grpc.RpcError as error:
+                        outcomes[error.code().name] += 1
+                    n += 1
+                phases[name] = outcomes
+
+            run_phase("before", 1.0)
+            retrieval.kill()
+            retrieval.wait(timeout=10)
+            run_phase("retrieval killed", 2.0)
+            retrieval = start_retrieval()
+            time.sleep(1.5)  # reconnect backoff is at most 1 s
+            run_phase("restarted", 1.0)
+    finally:
+        ranking.stop()
+        retrieval.kill()
+        retrieval.wait(timeout=10)
+    assert set(phases["before"]) == {"normal"}, phases
+    assert set(phases["retrieval killed"]) == {"degraded"}, phases
+    assert set(phases["restarted"]) == {"normal"}, phases
+    print(f"\nretrieval killed under load: {phases}")
 
 
 # -- limits ------------------------------------------------------------------------------------
