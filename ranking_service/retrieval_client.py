@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 import numpy.typing as npt
+from pydantic import SecretStr
 
 from shared.errors import InvalidArgument, Unavailable
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+from shared.security import ClientTlsSettings, call_credentials_metadata, open_channel
 from shared.tracing import client_span
 
 SOURCE_POPULAR = "popular"
@@ -26,9 +28,17 @@ class RetrievedCandidates:
 
 
 class RetrievalClient:
-    def __init__(self, target: str, max_message_bytes: int = 4 * 1024 * 1024) -> None:
-        self._channel = grpc.insecure_channel(
+    def __init__(
+        self,
+        target: str,
+        max_message_bytes: int = 4 * 1024 * 1024,
+        tls: ClientTlsSettings | None = None,
+        token: SecretStr | None = None,
+    ) -> None:
+        self._auth_metadata = call_credentials_metadata(token) if token is not None else ()
+        self._channel = open_channel(
             target,
+            tls or ClientTlsSettings(),
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -38,6 +48,7 @@ class RetrievalClient:
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
+            setting="ranking.retrieval_tls",
         )
         self._stub = retrieval_pb2_grpc.RetrievalStub(self._channel)
         self.target = target
@@ -54,7 +65,7 @@ class RetrievalClient:
     def _call(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float) -> RetrievedCandidates:
         try:
             with client_span(RETRIEVE_METHOD) as metadata:
-                response = self._stub.Retrieve(request, timeout=timeout_s, metadata=metadata)
+                response = self._stub.Retrieve(request, timeout=timeout_s, metadata=(*metadata, *self._auth_metadata))
         except grpc.RpcError as error:
             code = error.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:

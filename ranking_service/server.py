@@ -96,8 +96,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
 
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
-    """Load the current ranker artifact, connect to retrieval, serve; returns once SERVING."""
-    retrieval = RetrievalClient(settings.retrieval_target, settings.max_message_bytes)
+    """Serve the current ranker artifact; returns once SERVING (NOT_SERVING while loading)."""
+    retrieval = RetrievalClient(
+        settings.retrieval_target, settings.max_message_bytes, settings.retrieval_tls, settings.retrieval_token
+    )
 
     def load(version: str | None) -> RankingPipeline:
         return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings)
@@ -109,12 +111,9 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
         lambda pipeline: pipeline.ranker.version,
         lambda: current_version(settings.artifacts, RANKER_ARTIFACT),
     )
-    running = start_server(
+    return start_server(
         SERVICE_NAME,
         lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(served, settings), server),
         settings,
         served,
     )
-    running.set_serving(True)
-    event(log, "ranking serving", port=running.port, model_version=served.version, retrieval=settings.retrieval_target)
-    return running

@@ -14,7 +14,6 @@ from shared.artifacts import current_version
 from shared.config import EmbeddingSettings, RetrievalSettings
 from shared.errors import InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
-from shared.logs import event
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
 from shared.reloading import Reloadable
 
@@ -76,13 +75,15 @@ def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
 
 
 def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
-    """Load the current index artifact and serve it; returns once SERVING."""
+    """Serve the current index artifact; returns once SERVING (NOT_SERVING while loading)."""
     faiss.omp_set_num_threads(settings.search_threads)
-    text_encoder = load_text_encoder(embedding) if settings.text_queries else None
+    text_encoder: list[TextQueryEncoder | None] = []
 
     def load(version: str | None) -> Retriever:
+        if not text_encoder:  # loaded once, with the first index, before SERVING
+            text_encoder.append(load_text_encoder(embedding) if settings.text_queries else None)
         loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name, version)
-        retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder)
+        retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder[0])
         # One search before serving: the first caller should not pay for page faults.
         retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
         return retriever
@@ -94,12 +95,9 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
         lambda retriever: retriever.loaded.version,
         lambda: current_version(settings.artifacts, settings.index_name),
     )
-    running = start_server(
+    return start_server(
         SERVICE_NAME,
         lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(served), server),
         settings,
         served,
     )
-    running.set_serving(True)
-    event(log, "retrieval serving", port=running.port, index_version=served.version)
-    return running

@@ -12,6 +12,8 @@ from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc
 from shared.reloading import Reloadable, ReloadRefused
 
 ADMIN_SERVICE_NAME = "vitrine.v1.Admin"
+# Full method names: these need the bearer token whenever one is configured.
+ADMIN_METHODS = (f"/{ADMIN_SERVICE_NAME}/ReloadArtifacts", f"/{ADMIN_SERVICE_NAME}/GetStatus")
 MAX_VERSION_CHARS = 200
 
 

@@ -19,6 +19,7 @@ from shared.config import SettingsError
 from shared.data import DatasetError
 from shared.embeddings import EmbeddingError
 from shared.logs import configure_logging
+from shared.security import SecurityConfigError
 
 ENTRY_POINT_GROUP = "vitrine.commands"
 
@@ -98,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(args.log_level or load_settings().log_level)
         code: int = args.run(args)
         return code
-    except (SettingsError, ArtifactError, DatasetError, EmbeddingError, OSError) as error:
+    except (SettingsError, ArtifactError, DatasetError, EmbeddingError, SecurityConfigError, OSError) as error:
         # A user-fixable problem: say what is wrong, no traceback.
         print(f"vitrine: {error}", file=sys.stderr)
         return 2

@@ -13,13 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from shared.security import AuthSettings, ClientTlsSettings, TlsSettings
 
 CONFIG_FILE_ENV = "VITRINE_CONFIG"
 
@@ -79,6 +81,10 @@ class ServerSettings(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     # Poll <artifacts>/<name>/CURRENT this often and hot-swap a new version; 0 disables.
     reload_poll_s: float = Field(5.0, ge=0)
+    # TLS (and mutual TLS with client_ca_file) from PEM files; unset = plaintext.
+    tls: TlsSettings = TlsSettings()
+    # Bearer token; when set, the Admin RPCs always require it.
+    auth: AuthSettings = AuthSettings()
 
 
 class RetrievalSettings(ServerSettings):
@@ -99,6 +105,9 @@ class RankingSettings(ServerSettings):
     metrics_port: int | None = Field(9152, ge=0, le=65535)
     # When retrieval fails or is too slow, answer from popular items (degraded = true).
     fallback_to_popular: bool = True
+    # How this service reaches retrieval: TLS / mTLS client settings and the token it sends.
+    retrieval_tls: ClientTlsSettings = ClientTlsSettings()
+    retrieval_token: SecretStr | None = None
     retrieval_target: str = "127.0.0.1:50051"
     max_k: int = Field(100, ge=1)
     candidates: int = Field(300, ge=1)

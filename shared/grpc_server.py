@@ -3,7 +3,8 @@
 Every Vitrine server gets: the standard health service (SERVING only once its artifacts
 are loaded, NOT_SERVING while draining), server reflection (so grpcurl can list,
 describe and call every RPC), the Admin service, Prometheus metrics for every RPC, a
-hard limit on concurrent RPCs (beyond it gRPC answers RESOURCE_EXHAUSTED at once
+optional TLS / mutual TLS and bearer token (always
+required for Admin when set), a hard limit on concurrent RPCs (beyond it gRPC answers RESOURCE_EXHAUSTED at once
 instead of queueing), message size limits, and a drain on SIGTERM/SIGINT: health goes
 NOT_SERVING, new calls are refused, in-flight calls get the grace period to finish.
 """
@@ -24,11 +25,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.admin import ADMIN_SERVICE_NAME, AdminServicer
+from shared.admin import ADMIN_METHODS, ADMIN_SERVICE_NAME, AdminServicer
 from shared.config import ServerSettings
 from shared.logs import event
 from shared.proto.vitrine.v1 import admin_pb2_grpc
 from shared.reloading import Reloadable
+from shared.security import add_server_port, server_interceptors
 from shared.telemetry import MetricsEndpoint, MetricsInterceptor
 from shared.tracing import TracingInterceptor
 
@@ -71,10 +73,19 @@ def start_server(
     served: Reloadable[Any],
     interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> RunningServer:
-    """Start a server with ``register`` adding the main service; health starts NOT_SERVING."""
+    """Listen at once (health NOT_SERVING), load ``served``, then report SERVING.
+
+    Binding before loading lets probes tell "loading" from "dead"; a failed initial
+    load stops the server and raises, so a process never serves nothing forever.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=service_name),
-        interceptors=[MetricsInterceptor(service_name), TracingInterceptor(), *interceptors],
+        interceptors=[
+            MetricsInterceptor(service_name),
+            TracingInterceptor(),
+            *server_interceptors(settings.auth, always_protected=ADMIN_METHODS),
+            *interceptors,
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -91,7 +102,7 @@ def start_server(
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = add_server_port(server, address, settings.tls, setting=f"{service_name}.tls")
     except RuntimeError as error:  # grpcio raises instead of returning 0 on some failures
         raise OSError(f"{service_name}: cannot bind {address}: {error}") from error
     if bound == 0:
@@ -100,11 +111,18 @@ def start_server(
     metrics = MetricsEndpoint(settings.host, settings.metrics_port) if settings.metrics_port is not None else None
     running = RunningServer(server, health_servicer, service_name, bound, settings.grace_period_s, metrics)
     running.set_serving(False)
-    if settings.reload_poll_s > 0:
-        served.watch(settings.reload_poll_s, running.stopping)
     event(
         log, "server listening", service=service_name, host=settings.host, port=bound, metrics_port=running.metrics_port
     )
+    try:
+        served.load_initial()
+    except BaseException:
+        running.stop()
+        raise
+    if settings.reload_poll_s > 0:
+        served.watch(settings.reload_poll_s, running.stopping)
+    running.set_serving(True)
+    event(log, "serving", service=service_name, port=bound, artifact=served.artifact, version=served.version)
     return running
 
 

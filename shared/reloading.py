@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from shared.errors import Unavailable
 from shared.logs import event
 from shared.telemetry import RELOADS, set_artifact_version
 
@@ -46,21 +47,32 @@ class Reloadable(Generic[Served]):
         pointer: Callable[[], str],
     ) -> None:
         """``load(version)`` builds the served object (None: the CURRENT version);
-        ``pointer()`` reads which version CURRENT names, for the watcher."""
+        ``pointer()`` reads which version CURRENT names, for the watcher.
+
+        Nothing is loaded until :meth:`load_initial`, so a server can listen (and
+        report NOT_SERVING) while its artifacts load.
+        """
         self._service = service
         self._artifact = artifact
         self._load = load
         self._version_of = version_of
         self._pointer = pointer
         self._lock = threading.Lock()
-        self._current = load(None)
+        self._current: Served | None = None
         self.reloads = 0
         self.refused = 0
         self._last_refused: str | None = None
-        set_artifact_version(service, artifact, self.version, None)
+
+    def load_initial(self) -> None:
+        with self._lock:
+            self._current = self._load(None)
+        set_artifact_version(self._service, self._artifact, self.version, None)
 
     def get(self) -> Served:
-        return self._current
+        current = self._current
+        if current is None:
+            raise Unavailable(f"{self._artifact} is still loading; retry shortly")
+        return current
 
     @property
     def artifact(self) -> str:
@@ -68,7 +80,7 @@ class Reloadable(Generic[Served]):
 
     @property
     def version(self) -> str:
-        return self._version_of(self._current)
+        return self._version_of(self._current) if self._current is not None else ""
 
     def reload(self, version: str | None = None) -> ReloadOutcome:
         """Load ``version`` (default: what CURRENT names) and swap it in; raise ReloadRefused if it fails."""

@@ -26,17 +26,22 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from pydantic import SecretStr
 
 from ranking_service.server import start_ranking_server
 from retrieval_service.server import start_retrieval_server
 from shared.artifacts import MANIFEST, Artifact, ArtifactWriter, open_artifact, set_current
 from shared.commands import vitrine_command
-from shared.config import EmbeddingSettings, RankingSettings, RetrievalSettings
+from shared.config import EmbeddingSettings, RankingSettings, RetrievalSettings, ServerSettings
 from shared.data import Dataset
-from shared.grpc_server import RunningServer
+from shared.grpc_server import RunningServer, start_server
 from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from shared.reloading import Reloadable
+from shared.security import AuthSettings, ClientTlsSettings, TlsSettings, call_credentials_metadata, open_channel
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
+from tests.pki import make_pki
 
 INDEX_KIND = "vitrine.retrieval-index"
 RANKER_KIND = "vitrine.ranker"
@@ -122,6 +127,8 @@ class LoadGenerator:
         self._call = call
         self._stop = threading.Event()
         self.outcomes: Counter[str] = Counter()
+        # (monotonic start time, outcome) of every failed call
+        self.failures: list[tuple[float, str]] = []
         self.versions: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
@@ -129,6 +136,7 @@ class LoadGenerator:
     def _run(self, worker: int) -> None:
         sent = 0
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 response = self._call(worker * 1000 + sent)
                 outcome = "OK"
@@ -136,6 +144,8 @@ class LoadGenerator:
                     self.versions.add((response.model_version, response.index_version))
             except grpc.RpcError as error:
                 outcome = error.code().name
+                with self._lock:
+                    self.failures.append((started, outcome))
             with self._lock:
                 self.outcomes[outcome] += 1
             sent += 1
@@ -491,6 +501,7 @@ def test_sigterm_under_load_drains_in_flight_requests(
                 )
                 with LoadGenerator(lambda n: stub.Recommend(request, timeout=10), 4) as load:
                     time.sleep(1.0)
+                    signalled_at = time.monotonic()
                     process.send_signal(signal.SIGTERM)
                     exit_code = process.wait(timeout=30)
                     time.sleep(0.2)
@@ -500,6 +511,133 @@ def test_sigterm_under_load_drains_in_flight_requests(
                 process.wait()
     assert exit_code == 0
     assert load.outcomes["OK"] > 10
-    # Requests after the drain began are refused (UNAVAILABLE); none accepted is dropped.
-    assert set(load.outcomes) <= {"OK", "UNAVAILABLE"}, load.outcomes
-    print(f"\nSIGTERM under load: {dict(load.outcomes)}")
+    # Every call sent before the signal completed: in-flight work is drained, not dropped.
+    # Calls sent after it are refused (UNAVAILABLE, or CANCELLED when one races the
+    # server's GOAWAY); 50 ms of slack covers a call still in the client's send path.
+    dropped = [outcome for started, outcome in load.failures if started < signalled_at - 0.05]
+    assert not dropped, dropped
+    assert set(load.outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, load.outcomes
+    print(f"\nSIGTERM under load: {dict(load.outcomes)}, 0 calls sent before the signal failed")
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+
+def test_health_is_not_serving_while_artifacts_load(tmp_path: Path) -> None:
+    """The server listens before loading: probes see NOT_SERVING, then SERVING once loaded."""
+    release = threading.Event()
+
+    def load(version: str | None) -> str:
+        assert release.wait(timeout=30)
+        return version or "v1"
+
+    served: Reloadable[str] = Reloadable("test.Loading", "thing", load, lambda value: value, lambda: "v1")
+    port = _free_port()
+    started: list[RunningServer] = []
+    starter = threading.Thread(
+        target=lambda: started.append(
+            start_server("test.Loading", lambda server: None, ServerSettings(port=port, reload_poll_s=0), served)
+        )
+    )
+    starter.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="test.Loading")
+            assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert admin_status(admin_pb2_grpc.AdminStub(channel)).serving.version == ""
+            release.set()
+            starter.join(timeout=30)
+            assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert admin_status(admin_pb2_grpc.AdminStub(channel)).serving.version == "v1"
+    finally:
+        release.set()
+        starter.join(timeout=30)
+        for running in started:
+            running.stop()
+
+
+def test_failed_initial_load_stops_the_server(tmp_path: Path) -> None:
+    def load(version: str | None) -> str:
+        raise FileNotFoundError("no artifacts here")
+
+    served: Reloadable[str] = Reloadable("test.Broken", "thing", load, lambda value: value, lambda: "v1")
+    port = _free_port()
+    with pytest.raises(FileNotFoundError):
+        start_server("test.Broken", lambda server: None, ServerSettings(port=port, reload_poll_s=0), served)
+    with socket.socket() as probe:  # the port is free again: nothing half-alive is left listening
+        probe.bind(("127.0.0.1", port))
+
+
+# -- security ------------------------------------------------------------------------------------
+
+
+def test_mutual_tls_and_tokens_across_both_services(
+    artifacts: BuiltArtifacts, dataset: Dataset, tmp_path: Path
+) -> None:
+    """Retrieval: mTLS + token on every call. Ranking: TLS to clients, mTLS + token to
+    retrieval, token on Admin. A correct client gets real (not degraded) answers."""
+    pki = make_pki(tmp_path)
+    retrieval_token, admin_token = "retrieval-token-0123456789", "admin-token-0123456789"
+    retrieval = start_retrieval_server(
+        RetrievalSettings(
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            text_queries=False,
+            reload_poll_s=0,
+            tls=TlsSettings(cert_file=pki.server_cert, key_file=pki.server_key, client_ca_file=pki.ca),
+            auth=AuthSettings(token=SecretStr(retrieval_token), require_for_all=True),
+        ),
+        EmbeddingSettings(),
+    )
+    ranking = start_ranking_server(
+        RankingSettings(
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            reload_poll_s=0,
+            retrieval_target=f"localhost:{retrieval.port}",
+            retrieval_tls=ClientTlsSettings(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key),
+            retrieval_token=SecretStr(retrieval_token),
+            tls=TlsSettings(cert_file=pki.server_cert, key_file=pki.server_key),
+            auth=AuthSettings(token=SecretStr(admin_token)),
+        )
+    )
+    request = ranking_pb2.RecommendRequest(
+        user_id=users_by_activity(dataset)[0],
+        k=5,
+        context=ranking_pb2.RequestContext(timestamp=int(dataset.events.timestamp.max())),
+    )
+    try:
+        with open_channel(f"localhost:{ranking.port}", ClientTlsSettings(ca_file=pki.ca)) as channel:
+            response = ranking_pb2_grpc.RankingStub(channel).Recommend(request, timeout=10)
+            assert len(response.items) == 5
+            assert not response.degraded  # ranking -> retrieval over mTLS with the token worked
+            admin = admin_pb2_grpc.AdminStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as caught:
+                admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10, metadata=call_credentials_metadata("x" * 20))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "x" * 20 not in str(caught.value.details())
+            status = admin.GetStatus(
+                admin_pb2.GetStatusRequest(), timeout=10, metadata=call_credentials_metadata(admin_token)
+            )
+            assert status.serving.version
+        with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as plaintext:
+            with pytest.raises(grpc.RpcError) as caught:
+                ranking_pb2_grpc.RankingStub(plaintext).Recommend(request, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Retrieval refuses a client with the right CA but no client certificate.
+        with open_channel(f"localhost:{retrieval.port}", ClientTlsSettings(ca_file=pki.ca)) as no_cert:
+            with pytest.raises(grpc.RpcError) as caught:
+                admin_pb2_grpc.AdminStub(no_cert).GetStatus(
+                    admin_pb2.GetStatusRequest(), timeout=5, metadata=call_credentials_metadata(retrieval_token)
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        ranking.stop()
+        retrieval.stop()
