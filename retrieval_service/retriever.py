@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval_service.artifact import LoadedIndex
-from retrieval_service.vectors import history_query, text_query
+from retrieval_service.vectors import history_query, normalise_rows, text_query
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SOURCE_ANN = "ann"
@@ -139,6 +139,8 @@ class Retriever:
         query = np.asarray(values, dtype=np.float32)[None, :]
         if not np.all(np.isfinite(query)):
             raise InvalidArgument("vector values must be finite numbers", field="vector.values")
+        # Scores are cosines whatever the vector's scale, and a float32-max vector cannot overflow them.
+        query = normalise_rows(query)
         if not np.any(query):
             raise InvalidArgument("vector is all zeros; it matches nothing", field="vector.values")
         return self._search(query, n, self._exclusions(exclude_item_ids))

@@ -76,9 +76,11 @@ def fit_collaborative(events: Events, n_users: int, n_items: int, settings: Inde
     return CollaborativeFactors(item_factors=item_factors, user_factors=user_factors)
 
 
-def normalise_rows(matrix: npt.NDArray[np.float32]) -> Matrix:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    unit: Matrix = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0).astype(np.float32)
+def normalise_rows(matrix: npt.NDArray[np.floating]) -> Matrix:
+    """Unit-length rows (zero rows stay zero); float64 inside, so huge or tiny values neither overflow nor vanish."""
+    wide = matrix.astype(np.float64)
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)
+    unit: Matrix = np.divide(wide, norms, out=np.zeros_like(wide), where=norms > 0).astype(np.float32)
     return unit
 
 
@@ -109,9 +111,17 @@ def text_query(text_vector: Matrix, collaborative_dim: int, settings: IndexBuild
 def history_query(
     item_vectors: npt.NDArray[np.floating], rows: npt.NDArray[np.int64], weights: npt.NDArray[np.float32]
 ) -> Matrix:
-    """Weighted mean of the given items' fused vectors, unit length; shape (1, d)."""
-    mean = (weights[:, None] * item_vectors[rows].astype(np.float32)).sum(axis=0, keepdims=True)
-    return normalise_rows(mean.astype(np.float32))
+    """Weighted mean of the given items' fused vectors, unit length; shape (1, d).
+
+    Only relative weights matter, so they are scaled to a maximum of 1 first: a client's
+    decayed recency weights (1e-30) or huge counts (1e38) give the same direction.
+    """
+    relative = weights.astype(np.float64)
+    largest = relative.max(initial=0.0)
+    if largest > 0:
+        relative /= largest
+    mean = (relative[:, None] * item_vectors[rows].astype(np.float64)).sum(axis=0, keepdims=True)
+    return normalise_rows(mean)
 
 
 def user_queries(events: Events, item_vectors: Matrix, n_users: int, now: int, settings: IndexBuildSettings) -> Matrix:

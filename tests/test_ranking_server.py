@@ -161,14 +161,14 @@ def test_retrieval_failure_degrades_to_popular_or_is_unavailable(
                 user_id=user, k=10, context=ranking_pb2.RequestContext(timestamp=_now(dataset))
             )
             if fallback:
-                response = stub.Recommend(request, timeout=5)
+                response = stub.Recommend(request, timeout=30)
                 assert response.degraded
                 assert len(response.items) == 10
                 assert not {item.item_id for item in response.items} & _purchased(dataset, user)
                 assert response.index_version == ""
             else:
                 with pytest.raises(grpc.RpcError) as caught:
-                    stub.Recommend(request, timeout=5)
+                    stub.Recommend(request, timeout=30)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert "retrieval service" in str(caught.value.details())
     finally:
