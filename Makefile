@@ -5,12 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TOOLS_VENV := .venv-tools
+TOOLS_STAMP := $(TOOLS_VENV)/.installed
 PROTO_SRC := $(wildcard protos/vitrine/v1/*.proto)
 PROTO_OUT := shared/proto/vitrine/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 WORKDIR ?= var/demo
 
-.PHONY: install protos demo test lint typecheck clean
+.PHONY: install tools protos demo test lint typecheck clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -33,10 +35,18 @@ $(PROTO_STAMP): $(PROTO_SRC) $(STAMP)
 
 protos: $(PROTO_STAMP)
 
+# checkov (deploy/ policy checks) lives in its own venv: its pins clash with ours.
+$(TOOLS_STAMP): requirements-tools.txt
+	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/pip install --quiet -r requirements-tools.txt
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
+
 demo: install
 	$(VENV)/bin/vitrine demo --workdir $(WORKDIR)
 
-test: install
+test: install tools
 	$(PY) -m pytest -q
 
 lint: install
@@ -47,4 +57,4 @@ typecheck: install
 	$(VENV)/bin/mypy shared retrieval_service ranking_service tests
 
 clean:
-	rm -rf $(VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS_VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache

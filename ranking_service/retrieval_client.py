@@ -34,6 +34,7 @@ class RetrievalClient:
         max_message_bytes: int = 4 * 1024 * 1024,
         tls: ClientTlsSettings | None = None,
         token: SecretStr | None = None,
+        lb_policy: str = "round_robin",
     ) -> None:
         self._auth_metadata = call_credentials_metadata(token) if token is not None else ()
         self._channel = open_channel(
@@ -47,6 +48,7 @@ class RetrievalClient:
                 ("grpc.initial_reconnect_backoff_ms", 100),
                 ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
+                ("grpc.lb_policy_name", lb_policy),
             ],
             setting="ranking.retrieval_tls",
         )

@@ -98,7 +98,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
     """Serve the current ranker artifact; returns once SERVING (NOT_SERVING while loading)."""
     retrieval = RetrievalClient(
-        settings.retrieval_target, settings.max_message_bytes, settings.retrieval_tls, settings.retrieval_token
+        settings.retrieval_target,
+        settings.max_message_bytes,
+        settings.retrieval_tls,
+        settings.retrieval_token,
+        settings.retrieval_lb_policy,
     )
 
     def load(version: str | None) -> RankingPipeline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -141,7 +142,69 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args.workdir, args.rebuild, args.users)
 
 
+def _configure_verify(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifacts", type=Path, required=True, help="artifact root")
+    parser.add_argument(
+        "--require", action="append", default=[], metavar="NAME", help="artifact that must exist (repeatable)"
+    )
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    """Verify the CURRENT version of every artifact (checksums included); exit 1 if any fails."""
+    from shared.artifacts import MANIFEST, ArtifactError, current_version, open_artifact
+
+    names = sorted({path.parent.name for path in args.artifacts.glob("*/CURRENT")} | set(args.require))
+    failed = False
+    for name in names:
+        try:
+            version = current_version(args.artifacts, name)
+            kind = json.loads((args.artifacts / name / version / MANIFEST).read_text())["kind"]
+            artifact = open_artifact(args.artifacts, name, kind, version)
+            print(f"ok      {name}/{artifact.version} ({kind}, {len(artifact.manifest['files'])} files)")
+        except (ArtifactError, OSError, KeyError, ValueError) as error:
+            failed = True
+            print(f"FAILED  {name}: {error}", file=sys.stderr)
+    return 1 if failed or not names else 0
+
+
+def _configure_health(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default="127.0.0.1", help="host to check (default: this machine)")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--service", default="", help="health service name, e.g. vitrine.v1.Ranking")
+    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--ca", type=Path, default=None, help="CA file: check over TLS")
+    parser.add_argument("--cert", type=Path, default=None, help="client certificate (mutual TLS)")
+    parser.add_argument("--key", type=Path, default=None, help="client key (mutual TLS)")
+    parser.add_argument("--server-name", default=None, help="name the server certificate must carry")
+
+
+def _run_health(args: argparse.Namespace) -> int:
+    """A probe for plain and TLS servers alike (Kubernetes' native gRPC probe has no TLS)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from shared.security import ClientTlsSettings, open_channel
+
+    tls = ClientTlsSettings(
+        ca_file=args.ca, cert_file=args.cert, key_file=args.key, server_name_override=args.server_name
+    )
+    with open_channel(f"{args.address}:{args.port}", tls) as channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as error:
+            print(f"{args.address}:{args.port} {args.service}: {error.code().name} {error.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.address}:{args.port} {args.service}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def register(registry: CommandRegistry) -> None:
     registry.add(Command("datagen", "generate the embedded retail dataset", _configure_datagen, _run_datagen))
     registry.add(Command("build", "run the offline pipeline: indexes and ranker", _configure_build, _run_build))
     registry.add(Command("demo", "generate, build, serve and show recommendations", _configure_demo, _run_demo))
+    registry.add(Command("verify", "verify artifact manifests and checksums", _configure_verify, _run_verify))
+    registry.add(Command("health", "check a server's gRPC health (exit 0 = SERVING)", _configure_health, _run_health))

@@ -107,6 +107,9 @@ class RankingSettings(ServerSettings):
     fallback_to_popular: bool = True
     # How this service reaches retrieval: TLS / mTLS client settings and the token it sends.
     retrieval_tls: ClientTlsSettings = ClientTlsSettings()
+    # With a "dns:///headless-service:port" target, round_robin spreads calls over every
+    # retrieval pod (gRPC otherwise keeps one connection to one address).
+    retrieval_lb_policy: str = Field("round_robin", pattern="^(round_robin|pick_first)$")
     retrieval_token: SecretStr | None = None
     retrieval_target: str = "127.0.0.1:50051"
     max_k: int = Field(100, ge=1)
