@@ -1,4 +1,5 @@
-"""Shared CLI commands: ``datagen``, ``build`` (the offline pipeline) and ``demo``.
+"""Shared CLI commands: ``datagen``, ``load`` (a public format -> a dataset), ``build`` (the
+offline pipeline) and ``demo``.
 
 ``build`` and ``demo`` compose the services through their own CLI commands and gRPC,
 never through their Python modules: the ranker is trained against a real retrieval
@@ -202,8 +203,33 @@ def _run_health(args: argparse.Namespace) -> int:
     return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+def _configure_load(parser: argparse.ArgumentParser) -> None:
+    from shared.loaders import add_dataset_arguments
+
+    add_dataset_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="Vitrine dataset directory to write")
+    parser.add_argument("--name", default=None, help="dataset name recorded in dataset.json (default: from the source)")
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    """Any supported source -> a Vitrine dataset directory that ``vitrine build`` reads."""
+    import dataclasses
+
+    from shared.data import save_dataset
+    from shared.loaders import load_from_arguments
+
+    started = time.perf_counter()
+    result = load_from_arguments(args)
+    print(result.report.summary())
+    dataset = dataclasses.replace(result.dataset, name=args.name) if args.name else result.dataset
+    save_dataset(dataset, args.out)
+    print(f"dataset {args.out}: {dataset.counts()} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
 def register(registry: CommandRegistry) -> None:
     registry.add(Command("datagen", "generate the embedded retail dataset", _configure_datagen, _run_datagen))
+    registry.add(Command("load", "convert a public dataset into a Vitrine dataset", _configure_load, _run_load))
     registry.add(Command("build", "run the offline pipeline: indexes and ranker", _configure_build, _run_build))
     registry.add(Command("demo", "generate, build, serve and show recommendations", _configure_demo, _run_demo))
     registry.add(Command("verify", "verify artifact manifests and checksums", _configure_verify, _run_verify))
