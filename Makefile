@@ -11,8 +11,11 @@ PROTO_SRC := $(wildcard protos/vitrine/v1/*.proto)
 PROTO_OUT := shared/proto/vitrine/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 WORKDIR ?= var/demo
+# Real public data (never copied into the repository); see ../shared/data/README.md.
+DATA_DIR ?= ../shared/data
+EVAL_OUT ?= var/eval
 
-.PHONY: install tools protos demo test lint typecheck clean
+.PHONY: install tools protos demo test eval lint typecheck clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -45,6 +48,17 @@ tools: $(TOOLS_STAMP)
 
 demo: install
 	$(VENV)/bin/vitrine demo --workdir $(WORKDIR)
+
+# MovieLens 100K, both protocols, when the data is present.
+eval: install
+	@if [ -f $(DATA_DIR)/ml-100k/u.data ]; then \
+		for protocol in random temporal; do \
+			$(VENV)/bin/vitrine evaluate --dataset movielens-100k:$(DATA_DIR)/ml-100k \
+				--protocol $$protocol --k 10 --out $(EVAL_OUT)/ml-100k-$$protocol || exit 1; \
+		done; \
+	else \
+		echo "no MovieLens 100K at $(DATA_DIR)/ml-100k (set DATA_DIR); nothing to evaluate"; \
+	fi
 
 test: install tools
 	$(PY) -m pytest -q

@@ -13,6 +13,12 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/<name>/<version>/")
     parser.add_argument("--name", default="index", help="artifact name (default: index)")
     parser.add_argument("--cutoff", type=int, default=None, help="use only events before this unix time")
+    parser.add_argument(
+        "--content-weight", type=float, default=None, help="weight of the text half (0: collaborative only)"
+    )
+    parser.add_argument(
+        "--collaborative-weight", type=float, default=None, help="weight of the ALS half (0: content only)"
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -21,7 +27,9 @@ def _run_build(args: argparse.Namespace) -> int:
     from shared.data import load_dataset
     from shared.embeddings import cached_text_embedder
 
-    settings = load_settings()
+    settings = load_settings(
+        index_build={"content_weight": args.content_weight, "collaborative_weight": args.collaborative_weight}
+    )
     dataset = load_dataset(args.data)
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     artifact = build_index_artifact(dataset, embedder, args.out, settings.index_build, args.name, args.cutoff)

@@ -156,14 +156,31 @@ def current_version(root: Path, name: str) -> str:
     pointer = Path(root) / name / CURRENT
     if not pointer.is_file():
         raise ArtifactError(f"{pointer}: not found; build the artifact first (vitrine build --out {root})")
-    return pointer.read_text().strip()
+    version = pointer.read_text().strip()
+    _check_version(version)
+    return version
+
+
+def _check_version(version: str) -> None:
+    if not version or "/" in version or "\\" in version or version.startswith("."):
+        raise ArtifactError(f"invalid artifact version {version!r}")
+
+
+def open_current(root: Path, name: str) -> Artifact:
+    """Open and verify the CURRENT version of ``name``, whatever its kind (for tools, not servers)."""
+    version = current_version(root, name)
+    manifest_path = Path(root) / name / version / MANIFEST
+    try:
+        kind = json.loads(manifest_path.read_text())["kind"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{manifest_path}: unreadable manifest: {err}") from err
+    return open_artifact(root, name, str(kind), version)
 
 
 def open_artifact(root: Path, name: str, kind: str, version: str | None = None) -> Artifact:
     """Open and verify an artifact; raises :class:`ArtifactError` if anything is off."""
     version = version or current_version(root, name)
-    if "/" in version or version.startswith("."):
-        raise ArtifactError(f"invalid artifact version {version!r}")
+    _check_version(version)
     path = Path(root) / name / version
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():

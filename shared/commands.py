@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import subprocess
 import sys
@@ -78,7 +77,7 @@ def server_process(argv: Sequence[str], port_file: Path, log_file: Path) -> Iter
             raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode} on SIGTERM; see {log_file}")
 
 
-def _run_step(*argv: str) -> None:
+def run_step(*argv: str) -> None:
     """Run another ``vitrine`` command in this process (through the command registry)."""
     from shared.cli import main
 
@@ -96,7 +95,7 @@ def run_build(data: Path, out: Path) -> None:
     dataset = load_dataset(data)
     cutoff = dataset.events.time_at(1.0 - settings.ranker_build.label_window)
     print(f"[1/3] training index from events before {cutoff}", flush=True)
-    _run_step("build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff))
+    run_step("build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff))
     print("[2/3] ranker trained on candidates from a retrieval server over that index", flush=True)
     run_dir = out / "logs"
     with server_process(
@@ -104,7 +103,7 @@ def run_build(data: Path, out: Path) -> None:
         run_dir / "retrieval-train.port",
         run_dir / "retrieval-train.log",
     ) as port:
-        _run_step(
+        run_step(
             "train-ranker",
             "--data",
             str(data),
@@ -116,7 +115,7 @@ def run_build(data: Path, out: Path) -> None:
             str(cutoff),
         )
     print("[3/3] serving index from all events", flush=True)
-    _run_step("build-index", "--data", str(data), "--out", str(out))
+    run_step("build-index", "--data", str(data), "--out", str(out))
 
 
 def _configure_build(parser: argparse.ArgumentParser) -> None:
@@ -152,15 +151,14 @@ def _configure_verify(parser: argparse.ArgumentParser) -> None:
 
 def _run_verify(args: argparse.Namespace) -> int:
     """Verify the CURRENT version of every artifact (checksums included); exit 1 if any fails."""
-    from shared.artifacts import MANIFEST, ArtifactError, current_version, open_artifact
+    from shared.artifacts import ArtifactError, open_current
 
     names = sorted({path.parent.name for path in args.artifacts.glob("*/CURRENT")} | set(args.require))
     failed = False
     for name in names:
         try:
-            version = current_version(args.artifacts, name)
-            kind = json.loads((args.artifacts / name / version / MANIFEST).read_text())["kind"]
-            artifact = open_artifact(args.artifacts, name, kind, version)
+            artifact = open_current(args.artifacts, name)
+            kind = artifact.manifest["kind"]
             print(f"ok      {name}/{artifact.version} ({kind}, {len(artifact.manifest['files'])} files)")
         except (ArtifactError, OSError, KeyError, ValueError) as error:
             failed = True
@@ -227,6 +225,37 @@ def _run_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    from shared.evaluation.protocols import PROTOCOLS
+    from shared.loaders import add_dataset_arguments
+
+    add_dataset_arguments(parser)
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="random", help="how train and test are split")
+    parser.add_argument("--k", type=_list_length, default=10, help="list length the metrics are computed at (1..100)")
+    parser.add_argument("--seed", type=int, default=42, help="seed of the random split")
+    parser.add_argument("--out", type=Path, required=True, help="directory for results.json, results.md, plots")
+
+
+def _list_length(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else -1
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose an integer from 1 to 100")
+    return value
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from shared.evaluation.report import markdown_table
+    from shared.evaluation.run import evaluate
+    from shared.loaders import load_from_arguments
+
+    loaded = load_from_arguments(args)
+    print(loaded.report.summary(), flush=True)
+    results = evaluate(loaded.dataset, args.protocol, args.k, args.seed, args.out)
+    print(markdown_table(results))
+    print(f"results in {args.out}/results.json, results.md and PNG plots")
+    return 0
+
+
 def register(registry: CommandRegistry) -> None:
     registry.add(Command("datagen", "generate the embedded retail dataset", _configure_datagen, _run_datagen))
     registry.add(Command("load", "convert a public dataset into a Vitrine dataset", _configure_load, _run_load))
@@ -234,3 +263,6 @@ def register(registry: CommandRegistry) -> None:
     registry.add(Command("demo", "generate, build, serve and show recommendations", _configure_demo, _run_demo))
     registry.add(Command("verify", "verify artifact manifests and checksums", _configure_verify, _run_verify))
     registry.add(Command("health", "check a server's gRPC health (exit 0 = SERVING)", _configure_health, _run_health))
+    registry.add(
+        Command("evaluate", "baselines and the pipeline on one split of real data", _configure_evaluate, _run_evaluate)
+    )

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,7 +36,8 @@ class EmbeddingSettings(BaseModel):
 class IndexBuildSettings(BaseModel):
     """How the retrieval artifact is built; chosen values are recorded in its manifest."""
 
-    content_weight: float = Field(1.0, gt=0)
+    # Either may be 0 (a content-only or collaborative-only index), not both.
+    content_weight: float = Field(1.0, ge=0)
     collaborative_weight: float = Field(1.0, ge=0)
     als_factors: int = Field(64, ge=2, le=1024)
     als_iterations: int = Field(15, ge=1, le=200)
@@ -48,6 +49,12 @@ class IndexBuildSettings(BaseModel):
     history_length: int = Field(30, ge=1)
     history_half_life_days: float = Field(14.0, gt=0)
     seed: int = 7
+
+    @model_validator(mode="after")
+    def _some_signal(self) -> IndexBuildSettings:
+        if self.content_weight == 0 and self.collaborative_weight == 0:
+            raise ValueError("content_weight and collaborative_weight are both 0; the vectors would be empty")
+        return self
 
 
 class RankerBuildSettings(BaseModel):

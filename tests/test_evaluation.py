@@ -1,0 +1,146 @@
+"""`vitrine evaluate`: splits, baselines and one small run of the whole harness."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from shared.data import Dataset
+from shared.datagen import GeneratorConfig, generate
+from shared.evaluation.baselines import ALS, BASELINES, EASE, ItemKNN, MostPopular, top_k, tune
+from shared.evaluation.protocols import interaction_matrix, split, validation_split
+from shared.evaluation.run import CANDIDATE_SIZES, evaluate
+
+SMALL = GeneratorConfig(seed=5, n_items=300, n_users=160, n_events=8_000)
+
+
+@pytest.fixture(scope="module")
+def small() -> Dataset:
+    return generate(SMALL)
+
+
+def _pairs(dataset: Dataset) -> set[tuple[int, int]]:
+    events = dataset.events
+    return set(zip(events.user_index.tolist(), events.item_index.tolist(), strict=True))
+
+
+def test_random_split_is_a_stratified_partition_of_each_users_items(small: Dataset) -> None:
+    result = split(small, "random", seed=42)
+    train_pairs = _pairs(result.train)
+    test_pairs = {(user, int(item)) for user, items in enumerate(result.test_items) for item in items}
+    assert not train_pairs & test_pairs
+    assert train_pairs | test_pairs == _pairs(small)
+    for user in range(len(small.users)):
+        total = sum(1 for u, _ in _pairs(small) if u == user)
+        assert len(result.test_items[user]) == total - round(0.75 * total)
+    again = split(small, "random", seed=42)
+    assert all(np.array_equal(a, b) for a, b in zip(result.test_items, again.test_items, strict=True))
+    other = split(small, "random", seed=43)
+    assert not all(np.array_equal(a, b) for a, b in zip(result.test_items, other.test_items, strict=True))
+    assert result.request_time > int(result.train.events.timestamp.max())
+
+
+def test_temporal_split_trains_on_the_past_and_tests_on_new_items_of_the_future(small: Dataset) -> None:
+    result = split(small, "temporal", seed=42)
+    assert int(result.train.events.timestamp.max()) < result.request_time
+    assert 0.7 < len(result.train.events) / len(small.events) < 0.8
+    train_pairs = _pairs(result.train)
+    future = small.events.timestamp >= result.request_time
+    future_pairs = set(
+        zip(small.events.user_index[future].tolist(), small.events.item_index[future].tolist(), strict=True)
+    )
+    test_pairs = {(user, int(item)) for user, items in enumerate(result.test_items) for item in items}
+    assert test_pairs == future_pairs - train_pairs
+    # Tuning never sees test: the validation split lives inside train.
+    validation = validation_split(result.train, "temporal", seed=42)
+    assert int(validation.train.events.timestamp.max()) < validation.request_time <= result.request_time
+
+
+def test_ease_matches_the_closed_form_and_top_k_excludes_seen_items() -> None:
+    rng = np.random.default_rng(0)
+    dense = (rng.random((30, 12)) < 0.3).astype(np.float32)
+    matrix = sp.csr_matrix(dense)
+    ease = EASE(l2=5.0)
+    ease.fit(matrix)
+    gram = dense.T @ dense + 5.0 * np.eye(12)
+    precision = np.linalg.inv(gram)
+    weights = -precision / np.diag(precision)
+    np.fill_diagonal(weights, 0.0)
+    users = np.arange(30)
+    assert np.allclose(ease.scores(users), dense @ weights, atol=1e-4)
+    for user, ranked in zip(users, top_k(ease, matrix, users, k=3), strict=True):
+        assert len(ranked) == 3
+        assert not set(ranked.tolist()) & set(np.flatnonzero(dense[user]).tolist())
+
+
+def test_every_baseline_beats_chance_on_structured_data(small: Dataset) -> None:
+    """Real fits (implicit's ALS included) on the generator's taste clusters."""
+    result = split(small, "random", seed=1)
+    matrix = interaction_matrix(result.train)
+    users = result.evaluated_users
+    from shared.metrics import top_k_metrics
+
+    relevant = [result.test_items[u] for u in users]
+    chance = np.mean([len(items) / len(small.catalog) for items in relevant]) * 10
+    for recommender in (MostPopular(), ItemKNN(neighbours=50), EASE(l2=100.0), ALS(16, 0.1, 5.0, iterations=5)):
+        recommender.fit(matrix)
+        precision = top_k_metrics(top_k(recommender, matrix, users, 10), relevant, 10, len(small.catalog))
+        assert precision["precision@10"] > 2 * chance / 10, type(recommender).__name__
+
+
+def test_tuning_picks_the_best_validation_setting(small: Dataset) -> None:
+    validation = validation_split(small, "random", seed=3)
+    ease = next(b for b in BASELINES if b.name == "ease")
+    tuned = tune(
+        replace(ease, grid={"l2": [1.0, 100.0, 1e6]}),
+        validation.train_matrix(),
+        validation.test_items,
+        validation.evaluated_users,
+        10,
+    )
+    assert len(tuned.trials) == 3
+    assert tuned.validation_ndcg == max(ndcg for _, ndcg in tuned.trials)
+    assert tuned.params == max(tuned.trials, key=lambda trial: trial[1])[0]
+
+
+def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tmp_path: Path) -> None:
+    """The whole harness on generated data: baselines (one setting each), three retrieval
+    variants and the full pipeline served by real processes; results.json as documented."""
+    quick = [replace(b, grid={name: values[:1] for name, values in b.grid.items()}) for b in BASELINES]
+    results = evaluate(small, "random", k=10, seed=42, out=tmp_path, baselines=quick)
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert {"dataset", "protocol", "k", "seed", "methods"} <= set(written)
+    names = {method["name"]: method for method in written["methods"]}
+    assert set(names) == {
+        "most-popular",
+        "item-knn",
+        "ease",
+        "als",
+        "vitrine-retrieval-fused",
+        "vitrine-retrieval-content",
+        "vitrine-retrieval-collaborative",
+        "vitrine",
+    }
+    for method in written["methods"]:
+        assert method["kind"] == ("vitrine" if method["name"].startswith("vitrine") else "baseline")
+        assert {"ndcg@10", "precision@10", "recall@10", "map@10", "hit_rate@10", "coverage"} <= set(method["metrics"])
+        assert all(0.0 <= value <= 1.0 for value in method["metrics"].values())
+        assert method["seconds"] >= 0
+    popular = names["most-popular"]["metrics"]["ndcg@10"]
+    assert names["vitrine"]["metrics"]["ndcg@10"] > popular, "the full pipeline must beat most-popular here"
+    assert names["vitrine"]["metrics"]["hit_rate@10"] > 0.3
+    assert results.split["degraded"] == 0
+
+    curve = [written["candidate_recall"][str(n)] for n in CANDIDATE_SIZES]
+    assert curve == sorted(curve)
+    assert curve[-1] > 0.5
+    assert written["feature_importance"]
+    assert "| **vitrine** |" in (tmp_path / "results.md").read_text()
+    for plot in ("metrics.png", "candidate_recall.png", "feature_importance.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
