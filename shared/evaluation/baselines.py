@@ -145,12 +145,12 @@ class Baseline:
 
 BASELINES: tuple[Baseline, ...] = (
     Baseline("most-popular", lambda: MostPopular()),
-    Baseline("item-knn", ItemKNN, {"neighbours": [10, 20, 50, 100, 200], "shrink": [0.0, 10.0, 50.0]}),
+    Baseline("item-knn", ItemKNN, {"neighbours": [5, 10, 20, 50, 100], "shrink": [0.0, 10.0, 50.0]}),
     Baseline("ease", EASE, {"l2": [50.0, 100.0, 200.0, 300.0, 500.0, 1000.0]}, max_items=EASE_MAX_ITEMS),
     Baseline(
         "als",
         ALS,
-        {"factors": [16, 32, 64, 128], "regularization": [0.1, 1.0, 10.0], "alpha": [1.0, 5.0, 20.0]},
+        {"factors": [8, 16, 32, 64], "regularization": [1.0, 10.0, 50.0], "alpha": [0.5, 1.0, 5.0]},
     ),
 )
 
