@@ -5,6 +5,7 @@ a user with neither gets the retrieval service's answer for the bare user id, wh
 is popular items for an id it does not know (cold start). When retrieval is down or
 too slow, the stage answers from this service's own popular items and says so
 (``degraded``): a recommendation that is less personal beats an error on a shop page.
+With a sharded index, shards that fail leave the others' candidates (``partial``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy.typing as npt
 
 from ranking_service.features import CandidateSet, RequestContext
 from ranking_service.query import history_query
-from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.retrieval_client import CandidateSource
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings
 from shared.errors import Unavailable
@@ -32,6 +33,8 @@ class RetrievedSet:
     index_version: str
     # Why the fallback answered instead of retrieval ("" when retrieval answered).
     degraded_reason: str = ""
+    # Sharded index: why some shards are missing from the candidates ("" when none is).
+    partial_reason: str = ""
 
 
 class CandidateStage:
@@ -40,7 +43,7 @@ class CandidateStage:
         items: ItemTable,
         item_row: dict[str, int],
         popular_rows: npt.NDArray[np.int32],
-        retrieval: RetrievalClient,
+        retrieval: CandidateSource,
         settings: RankingSettings,
     ) -> None:
         self._items = items
@@ -117,4 +120,5 @@ class CandidateStage:
                 from_popular=retrieved.from_popular,
             ),
             index_version=retrieved.index_version,
+            partial_reason=retrieved.partial_reason,
         )

@@ -51,6 +51,13 @@ def _run_train(args: argparse.Namespace) -> int:
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, "ranker/CURRENT")
     parser.add_argument("--retrieval", default=None, help="HOST:PORT of the retrieval service")
+    parser.add_argument(
+        "--retrieval-shard",
+        action="append",
+        default=None,
+        metavar="HOST:PORT",
+        help="one shard of a sharded retrieval index (repeat once per shard; replaces --retrieval)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -59,7 +66,13 @@ def _run_serve(args: argparse.Namespace) -> int:
     from shared.grpc_server import serve_until_signalled, write_port_file
     from shared.tracing import configure_tracing
 
-    settings = load_settings(ranking={**server_overrides(args), "retrieval_target": args.retrieval})
+    settings = load_settings(
+        ranking={
+            **server_overrides(args),
+            "retrieval_target": args.retrieval,
+            "retrieval_shards": args.retrieval_shard,
+        }
+    )
     configure_tracing(settings.tracing, SERVICE_NAME)
     running = start_ranking_server(settings.ranking)
     write_port_file(args.port_file, running.port)

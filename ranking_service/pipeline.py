@@ -18,13 +18,13 @@ from ranking_service.artifact import LoadedRanker
 from ranking_service.candidates import CandidateStage
 from ranking_service.explain import reasons
 from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
-from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import RuleInput, apply_rules
 from ranking_service.store import UserHistory
 from shared.config import RankingSettings
 from shared.data import DEVICES
 from shared.errors import InvalidArgument
-from shared.telemetry import CANDIDATES, DEGRADED, STAGE_LATENCY
+from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
 
 # The label under which this service's metrics are recorded.
 RANKING_SERVICE = "vitrine.v1.Ranking"
@@ -63,12 +63,13 @@ class Recommendation:
     index_version: str
     cold_start: bool
     degraded_reason: str
+    partial_reason: str
     removed_by_rules: dict[str, int]
     stage_ms: dict[str, float]
 
 
 class RankingPipeline:
-    def __init__(self, ranker: LoadedRanker, retrieval: RetrievalClient, settings: RankingSettings) -> None:
+    def __init__(self, ranker: LoadedRanker, retrieval: CandidateSource, settings: RankingSettings) -> None:
         self.ranker = ranker
         self._settings = settings
         self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
@@ -145,6 +146,8 @@ class RankingPipeline:
         CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))
         if retrieved.degraded_reason:
             DEGRADED.labels(RANKING_SERVICE, retrieved.degraded_reason).inc()
+        if retrieved.partial_reason:
+            PARTIAL.labels(RANKING_SERVICE, retrieved.partial_reason).inc()
         features = self.features(history, context, retrieved.candidates)
         lap("features")
         scores = self.score(features)
@@ -174,6 +177,7 @@ class RankingPipeline:
             index_version=retrieved.index_version,
             cold_start=cold_start,
             degraded_reason=retrieved.degraded_reason,
+            partial_reason=retrieved.partial_reason,
             removed_by_rules=outcome.removed,
             stage_ms=stage_ms,
         )

@@ -10,7 +10,7 @@ import grpc
 from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.pipeline import RANKING_SERVICE, RankingPipeline, RecommendQuery
-from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.retrieval_client import CandidateSource, RetrievalClient, ShardedRetrievalClient
 from shared.artifacts import current_version
 from shared.config import RankingSettings
 from shared.errors import grpc_errors
@@ -69,6 +69,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             returned=len(result.items),
             cold_start=result.cold_start,
             degraded=result.degraded_reason or None,
+            partial=result.partial_reason or None,
             model_version=result.model_version,
             index_version=result.index_version,
             removed_by_rules=result.removed_by_rules,
@@ -92,18 +93,31 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             index_version=result.index_version,
             cold_start=result.cold_start,
             degraded=bool(result.degraded_reason),
+            partial=bool(result.partial_reason),
         )
 
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
     """Serve the current ranker artifact; returns once SERVING (NOT_SERVING while loading)."""
-    retrieval = RetrievalClient(
-        settings.retrieval_target,
-        settings.max_message_bytes,
-        settings.retrieval_tls,
-        settings.retrieval_token,
-        settings.retrieval_lb_policy,
-    )
+    retrieval: CandidateSource
+    if settings.retrieval_shards:
+        retrieval = ShardedRetrievalClient(
+            settings.retrieval_shards,
+            settings.retrieval_query_share,
+            SERVICE_NAME,
+            settings.max_message_bytes,
+            settings.retrieval_tls,
+            settings.retrieval_token,
+            settings.retrieval_lb_policy,
+        )
+    else:
+        retrieval = RetrievalClient(
+            settings.retrieval_target,
+            settings.max_message_bytes,
+            settings.retrieval_tls,
+            settings.retrieval_token,
+            settings.retrieval_lb_policy,
+        )
 
     def load(version: str | None) -> RankingPipeline:
         return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings)

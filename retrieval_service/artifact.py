@@ -3,7 +3,9 @@
 Files: ``index.faiss`` (IVF-PQ), ``item_ids.npy``, ``item_vectors.npy`` (fused,
 float16, for exact re-scoring, history queries and SimilarItems), ``user_ids.npy`` and
 ``user_vectors.npy`` (query per known user), ``popular_items.npy`` (item rows, most
-popular first, for users with no history).
+popular first, for users with no history) and ``popular_ranks.npy`` (their ranks in the
+whole catalogue). A sharded build writes one such artifact per shard
+(``<root>/index-shard-<i>-of-<n>/<version>/``) holding that shard's items and users.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval_service.index import VectorIndex, build_index, choose_layout, recall_against_exact
+from retrieval_service.shards import shard_artifact_name, shard_assignments
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
-from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
+from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact
 from shared.config import IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
@@ -43,6 +46,35 @@ def item_popularity(dataset: Dataset, cutoff: int, settings: IndexBuildSettings)
     return np.bincount(events.item_index, weights=weights, minlength=len(dataset.catalog)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class IndexTables:
+    """The contents of one index artifact (the whole index or one shard), row-aligned."""
+
+    index: faiss.Index
+    item_ids: npt.NDArray[np.str_]
+    item_vectors: npt.NDArray[np.float16]
+    user_ids: npt.NDArray[np.str_]
+    user_vectors: npt.NDArray[np.float16]
+    popular_rows: npt.NDArray[np.int32]
+    popular_ranks: npt.NDArray[np.int32]
+
+
+def write_index_artifact(
+    root: Path, name: str, version: str, tables: IndexTables, params: dict[str, Any], metrics: dict[str, Any]
+) -> Artifact:
+    """``params`` must hold what :func:`load_index_artifact` reads: content_dim,
+    collaborative_dim, embedding_model, build, shard and shard_count."""
+    with ArtifactWriter(root, name, version) as writer:
+        faiss.write_index(tables.index, str(writer.path("index.faiss")))
+        writer.save_array("item_ids.npy", tables.item_ids)
+        writer.save_array("item_vectors.npy", tables.item_vectors)
+        writer.save_array("user_ids.npy", tables.user_ids)
+        writer.save_array("user_vectors.npy", tables.user_vectors)
+        writer.save_array("popular_items.npy", tables.popular_rows)
+        writer.save_array("popular_ranks.npy", tables.popular_ranks)
+        return writer.commit(KIND, params, metrics)
+
+
 def build_index_artifact(
     dataset: Dataset,
     embedder: TextEmbedder,
@@ -51,7 +83,25 @@ def build_index_artifact(
     name: str = DEFAULT_NAME,
     cutoff: int | None = None,
 ) -> Artifact:
-    """Embed, factorise, fuse and index; only events before ``cutoff`` are used."""
+    """The whole index as one artifact ``<root>/<name>/<version>/``."""
+    return build_index_artifacts(dataset, embedder, root, settings, name, cutoff, shards=1)[0]
+
+
+def build_index_artifacts(
+    dataset: Dataset,
+    embedder: TextEmbedder,
+    root: Path,
+    settings: IndexBuildSettings,
+    name: str = DEFAULT_NAME,
+    cutoff: int | None = None,
+    shards: int = 1,
+) -> list[Artifact]:
+    """Embed, factorise, fuse and index; only events before ``cutoff`` are used.
+
+    Vectors, user queries and popularity are computed once over the whole catalogue, then
+    split by :func:`shard_of` into ``shards`` artifacts (``shard_artifact_name``) that share
+    one version: every shard scores in the same vector space, so their answers merge.
+    """
     started = time.perf_counter()
     cutoff = cutoff if cutoff is not None else int(dataset.events.timestamp.max()) + 1
     events = dataset.events.before(cutoff)
@@ -62,10 +112,6 @@ def build_index_artifact(
     content = embedder.encode(catalog.embedding_texts(), show_progress=True)
     collaborative = fit_collaborative(events, n_users, n_items, settings)
     fused = fuse(content, collaborative.item_factors, settings)
-
-    layout = choose_layout(n_items, fused.shape[1], settings)
-    event(log, "training index", **layout.describe())
-    index = build_index(fused, layout, settings.seed)
     stored_vectors = fused.astype(np.float16)
     queries = user_queries(events, stored_vectors.astype(np.float32), n_users, cutoff, settings)
     has_history = np.linalg.norm(queries, axis=1) > 0
@@ -73,32 +119,52 @@ def build_index_artifact(
     rng = np.random.default_rng(settings.seed)
     active = np.flatnonzero(has_history)
     sample = rng.choice(active, size=min(RECALL_SAMPLE_QUERIES, len(active)), replace=False) if len(active) else active
-    recall = (
-        recall_against_exact(VectorIndex(index, stored_vectors, RECALL_NPROBE), queries[sample], RECALL_AT)
-        if len(sample)
-        else float("nan")
-    )
     popularity = item_popularity(dataset, cutoff, settings)
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
+    # Popular answers are scored by the item's rank in the whole catalogue, so the popular
+    # items of several shards merge into the catalogue's order.
+    global_rank = np.empty(n_items, dtype=np.int32)
+    global_rank[popular_rows] = np.arange(n_items, dtype=np.int32)
 
-    with ArtifactWriter(root, name) as writer:
-        faiss.write_index(index, str(writer.path("index.faiss")))
-        writer.save_array("item_ids.npy", catalog.item_ids)
-        writer.save_array("item_vectors.npy", stored_vectors)
-        writer.save_array("user_ids.npy", dataset.users.user_ids[has_history])
-        writer.save_array("user_vectors.npy", queries[has_history].astype(np.float16))
-        writer.save_array("popular_items.npy", popular_rows)
+    item_shard = shard_assignments(catalog.item_ids.tolist(), shards)
+    user_shard = shard_assignments(dataset.users.user_ids.tolist(), shards)
+    version = new_version()
+    common: dict[str, Any] = {
+        "dataset": dataset.name,
+        "cutoff": cutoff,
+        "catalogue_items": n_items,
+        "events_used": len(events),
+        "embedding_model": embedder.model_id,
+        "content_dim": int(content.shape[1]),
+        "collaborative_dim": int(collaborative.item_factors.shape[1]),
+        "build": settings.model_dump(),
+    }
+    artifacts = []
+    for shard in range(shards):
+        item_rows = np.flatnonzero(item_shard == shard)
+        if not len(item_rows):
+            raise ValueError(f"shard {shard} of {shards} would hold no items; use fewer shards")
+        local_row = np.full(n_items, -1, dtype=np.int32)
+        local_row[item_rows] = np.arange(len(item_rows), dtype=np.int32)
+        shard_popular = popular_rows[item_shard[popular_rows] == shard]
+        users = has_history & (user_shard == shard)
+
+        layout = choose_layout(len(item_rows), fused.shape[1], settings)
+        event(log, "training index", shard=shard, shards=shards, **layout.describe())
+        index = build_index(fused[item_rows], layout, settings.seed)
+        vectors = stored_vectors[item_rows]
+        recall = (
+            recall_against_exact(VectorIndex(index, vectors, RECALL_NPROBE), queries[sample], RECALL_AT)
+            if len(sample)
+            else float("nan")
+        )
         params: dict[str, Any] = {
-            "dataset": dataset.name,
-            "cutoff": cutoff,
-            "items": n_items,
-            "users_with_history": int(has_history.sum()),
-            "events_used": len(events),
-            "embedding_model": embedder.model_id,
-            "content_dim": int(content.shape[1]),
-            "collaborative_dim": int(collaborative.item_factors.shape[1]),
+            **common,
+            "shard": shard,
+            "shard_count": shards,
+            "items": len(item_rows),
+            "users_with_history": int(users.sum()),
             "layout": layout.describe(),
-            "build": settings.model_dump(),
         }
         bytes_per_item = (
             index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
@@ -109,9 +175,21 @@ def build_index_artifact(
             "bytes_per_item_codes_and_vectors": bytes_per_item,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
-        artifact = writer.commit(KIND, params, metrics)
-    event(log, "index artifact written", version=artifact.version, path=str(artifact.path), **metrics)
-    return artifact
+        tables = IndexTables(
+            index=index,
+            item_ids=catalog.item_ids[item_rows],
+            item_vectors=vectors,
+            user_ids=dataset.users.user_ids[users],
+            user_vectors=queries[users].astype(np.float16),
+            popular_rows=local_row[shard_popular],
+            popular_ranks=global_rank[shard_popular],
+        )
+        artifact = write_index_artifact(
+            root, shard_artifact_name(name, shard, shards), version, tables, params, metrics
+        )
+        event(log, "index artifact written", version=artifact.version, path=str(artifact.path), **metrics)
+        artifacts.append(artifact)
+    return artifacts
 
 
 @dataclass(frozen=True)
@@ -125,10 +203,14 @@ class LoadedIndex:
     user_row: dict[str, int]
     user_vectors: npt.NDArray[np.float16]
     popular_rows: npt.NDArray[np.int32]
+    # Rank of each popular row in the whole catalogue's popularity order (see the build).
+    popular_ranks: npt.NDArray[np.int32]
     content_dim: int
     collaborative_dim: int
     embedding_model: str
     build: IndexBuildSettings
+    shard: int
+    shard_count: int
 
 
 def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedIndex:
@@ -141,6 +223,15 @@ def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, versi
     user_vectors = artifact.load_array("user_vectors.npy")
     if len(item_ids) != index.ntotal or len(user_ids) != len(user_vectors):
         raise ArtifactError(f"{artifact.path}: item/user tables do not match the index")
+    popular_rows = artifact.load_array("popular_items.npy")
+    # Versions built before sharding have no ranks file: their popular order is the catalogue's.
+    popular_ranks = (
+        artifact.load_array("popular_ranks.npy")
+        if "popular_ranks.npy" in artifact.manifest["files"]
+        else np.arange(len(popular_rows), dtype=np.int32)
+    )
+    if len(popular_ranks) != len(popular_rows):
+        raise ArtifactError(f"{artifact.path}: popular_ranks.npy does not match popular_items.npy")
     loaded = LoadedIndex(
         version=artifact.version,
         index=VectorIndex(index, vectors, nprobe),
@@ -148,11 +239,22 @@ def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, versi
         item_row={item_id: row for row, item_id in enumerate(item_ids.tolist())},
         user_row={user_id: row for row, user_id in enumerate(user_ids.tolist())},
         user_vectors=user_vectors,
-        popular_rows=artifact.load_array("popular_items.npy"),
+        popular_rows=popular_rows,
+        popular_ranks=popular_ranks,
         content_dim=int(params["content_dim"]),
         collaborative_dim=int(params["collaborative_dim"]),
         embedding_model=str(params["embedding_model"]),
         build=IndexBuildSettings.model_validate(params["build"]),
+        shard=int(params.get("shard", 0)),
+        shard_count=int(params.get("shard_count", 1)),
     )
-    event(log, "index artifact loaded", version=artifact.version, items=len(item_ids), nprobe=nprobe)
+    event(
+        log,
+        "index artifact loaded",
+        version=artifact.version,
+        items=len(item_ids),
+        nprobe=nprobe,
+        shard=loaded.shard,
+        shard_count=loaded.shard_count,
+    )
     return loaded

@@ -19,27 +19,41 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--collaborative-weight", type=float, default=None, help="weight of the ALS half (0: content only)"
     )
+    parser.add_argument(
+        "--shards",
+        type=int,
+        default=None,
+        help="split into this many shard artifacts <name>-shard-<i>-of-<n> (default: index_build.shards)",
+    )
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    from retrieval_service.artifact import build_index_artifact
+    from retrieval_service.artifact import build_index_artifacts
     from shared.config import load_settings
     from shared.data import load_dataset
     from shared.embeddings import cached_text_embedder
 
     settings = load_settings(
-        index_build={"content_weight": args.content_weight, "collaborative_weight": args.collaborative_weight}
+        index_build={
+            "content_weight": args.content_weight,
+            "collaborative_weight": args.collaborative_weight,
+            "shards": args.shards,
+        }
     )
     dataset = load_dataset(args.data)
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
-    artifact = build_index_artifact(dataset, embedder, args.out, settings.index_build, args.name, args.cutoff)
-    print(f"index {artifact.version}: {artifact.path}  {artifact.metrics}")
+    for artifact in build_index_artifacts(
+        dataset, embedder, args.out, settings.index_build, args.name, args.cutoff, settings.index_build.shards
+    ):
+        print(f"{artifact.name} {artifact.version}: {artifact.path}  {artifact.metrics}")
     return 0
 
 
 def _configure_serve(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser, "index/CURRENT")
     parser.add_argument("--index-name", default=None, help="artifact name to serve (default: index)")
+    parser.add_argument("--shard", type=int, default=None, help="serve this shard of a sharded index (0-based)")
+    parser.add_argument("--shards", type=int, default=None, help="how many shards the index was built with")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -48,7 +62,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from shared.grpc_server import serve_until_signalled, write_port_file
     from shared.tracing import configure_tracing
 
-    settings = load_settings(retrieval={**server_overrides(args), "index_name": args.index_name})
+    settings = load_settings(
+        retrieval={**server_overrides(args), "index_name": args.index_name, "shard": args.shard, "shards": args.shards}
+    )
     configure_tracing(settings.tracing, SERVICE_NAME)
     running = start_retrieval_server(settings.retrieval, settings.embedding)
     write_port_file(args.port_file, running.port)
@@ -56,6 +72,35 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--items", type=int, nargs="+", default=[25_000, 100_000, 400_000], help="shard sizes to measure"
+    )
+    parser.add_argument("--dimension", type=int, default=448, help="fused vector dimension (default: 384 text + 64)")
+    parser.add_argument("--queries", type=int, default=300, help="timed history queries per size")
+    parser.add_argument("--candidates", type=int, default=300, help="n per query (ranking asks for 300)")
+
+
+def _run_size(args: argparse.Namespace) -> int:
+    from retrieval_service.sizing import measure_shard, table
+    from shared.config import load_settings
+
+    settings = load_settings()
+    figures = []
+    for n_items in args.items:
+        figures.append(
+            measure_shard(
+                n_items, args.dimension, settings.index_build, args.queries, args.candidates, settings.retrieval.nprobe
+            )
+        )
+        print(figures[-1], flush=True)
+    print(table(figures))
+    return 0
+
+
 def register(registry: CommandRegistry) -> None:
     registry.add(Command("build-index", "build the retrieval index artifact", _configure_build, _run_build))
+    registry.add(
+        Command("size-shards", "measure memory and latency of index shards by size", _configure_size, _run_size)
+    )
     registry.add_server(Command("retrieval", "serve Retrieve/SimilarItems over gRPC", _configure_serve, _run_serve))

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval_service.artifact import LoadedIndex
-from retrieval_service.vectors import history_query, normalise_rows, text_query
+from retrieval_service.vectors import normalise_rows, relative_weights, text_query, weighted_sum
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SOURCE_ANN = "ann"
@@ -26,6 +26,20 @@ class Candidates:
     source: str
     index_version: str
     dimension: int
+    shard: int
+    shard_count: int
+
+
+@dataclass(frozen=True)
+class QueryPart:
+    """This index's part of a query vector (see the QueryVector RPC)."""
+
+    vector: npt.NDArray[np.float32]  # shape (d,); empty when the index holds none of the query
+    known: int
+    index_version: str
+    dimension: int
+    shard: int
+    shard_count: int
 
 
 @dataclass(frozen=True)
@@ -66,31 +80,37 @@ class Retriever:
         rows = [self._loaded.item_row[item_id] for item_id in item_ids if item_id in self._loaded.item_row]
         return np.asarray(rows, dtype=np.int64)
 
-    def _search(
-        self, query: npt.NDArray[np.float32], n: int, exclude: npt.NDArray[np.int64], source: str = SOURCE_ANN
-    ) -> Candidates:
-        rows, scores = self._loaded.index.search(query, n, exclude)
+    def _candidates(self, rows: npt.NDArray[np.int64], scores: list[float], source: str) -> Candidates:
+        loaded = self._loaded
         return Candidates(
-            item_ids=self._loaded.item_ids[rows].tolist(),
-            scores=scores.tolist(),
+            item_ids=loaded.item_ids[rows].tolist(),
+            scores=scores,
             source=source,
-            index_version=self._loaded.version,
-            dimension=self._loaded.index.dimension,
+            index_version=loaded.version,
+            dimension=loaded.index.dimension,
+            shard=loaded.shard,
+            shard_count=loaded.shard_count,
         )
+
+    def _search(self, query: npt.NDArray[np.float32], n: int, exclude: npt.NDArray[np.int64]) -> Candidates:
+        rows, scores = self._loaded.index.search(query, n, exclude)
+        return self._candidates(rows, scores.tolist(), SOURCE_ANN)
 
     def popular(self, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
         excluded = set(self._exclusions(exclude_item_ids).tolist())
-        rows = [row for row in self._loaded.popular_rows[: n + len(excluded)].tolist() if row not in excluded][:n]
-        # Rank-based score in (0, 1]: comparable in scale with a cosine, monotone in popularity.
-        scores = [1.0 / (1.0 + position) for position in range(len(rows))]
-        return Candidates(
-            item_ids=self._loaded.item_ids[rows].tolist(),
-            scores=scores,
-            source=SOURCE_POPULAR,
-            index_version=self._loaded.version,
-            dimension=self._loaded.index.dimension,
-        )
+        head = slice(0, n + len(excluded))
+        kept = [
+            (row, rank)
+            for row, rank in zip(
+                self._loaded.popular_rows[head].tolist(), self._loaded.popular_ranks[head].tolist(), strict=True
+            )
+            if row not in excluded
+        ][:n]
+        # Score from the rank in the whole catalogue, in (0, 1]: comparable in scale with a
+        # cosine, monotone in popularity, and the same on every shard, so shards' answers merge.
+        rows = np.asarray([row for row, _ in kept], dtype=np.int64)
+        return self._candidates(rows, [1.0 / (1.0 + rank) for _, rank in kept], SOURCE_POPULAR)
 
     def by_user(self, user_id: str, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
@@ -102,10 +122,11 @@ class Retriever:
         query = self._loaded.user_vectors[row : row + 1].astype(np.float32)
         return self._search(query, n, self._exclusions(exclude_item_ids))
 
-    def by_history(
-        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude_item_ids: Sequence[str]
-    ) -> Candidates:
-        self._check_n(n)
+    def _history(
+        self, item_ids: Sequence[str], weights: Sequence[float]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Rows of the history items this index holds, and their weights relative to the
+        largest weight in the request (the same scale on every shard)."""
         if not item_ids:
             raise InvalidArgument("history.item_ids is empty; send at least one item id", field="history.item_ids")
         if weights and len(weights) != len(item_ids):
@@ -116,18 +137,56 @@ class Retriever:
         weight_array = np.asarray(weights if weights else [1.0] * len(item_ids), dtype=np.float32)
         if not np.all(np.isfinite(weight_array)) or np.any(weight_array < 0):
             raise InvalidArgument("history.weights must be finite and >= 0", field="history.weights")
+        relative = relative_weights(weight_array)
+        item_row = self._loaded.item_row
         known = [
-            (self._loaded.item_row[i], w)
-            for i, w in zip(item_ids, weight_array, strict=True)
-            if i in self._loaded.item_row
+            (item_row[item_id], weight)
+            for item_id, weight in zip(item_ids, relative, strict=True)
+            if item_id in item_row
         ]
-        if not known:
+        return (
+            np.asarray([row for row, _ in known], dtype=np.int64),
+            np.asarray([weight for _, weight in known], dtype=np.float64),
+        )
+
+    def by_history(
+        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude_item_ids: Sequence[str]
+    ) -> Candidates:
+        self._check_n(n)
+        rows, relative = self._history(item_ids, weights)
+        if not len(rows):
             return self.popular(n, exclude_item_ids)
-        rows = np.asarray([row for row, _ in known], dtype=np.int64)
-        query = history_query(self._loaded.index.vectors, rows, np.asarray([w for _, w in known], np.float32))
+        query = normalise_rows(weighted_sum(self._loaded.index.vectors, rows, relative))
         if not np.any(query):
             return self.popular(n, exclude_item_ids)
         return self._search(query, n, self._exclusions(exclude_item_ids))
+
+    def _part(self, vector: npt.NDArray[np.float32], known: int) -> QueryPart:
+        loaded = self._loaded
+        return QueryPart(
+            vector=vector,
+            known=known,
+            index_version=loaded.version,
+            dimension=loaded.index.dimension,
+            shard=loaded.shard,
+            shard_count=loaded.shard_count,
+        )
+
+    def user_part(self, user_id: str) -> QueryPart:
+        """The user's query vector if this index holds the user, else an empty part."""
+        if not user_id:
+            raise InvalidArgument("user_id is empty", field="user_id")
+        row = self._loaded.user_row.get(user_id)
+        if row is None:
+            return self._part(np.zeros(0, np.float32), 0)
+        return self._part(self._loaded.user_vectors[row].astype(np.float32), 1)
+
+    def history_part(self, item_ids: Sequence[str], weights: Sequence[float]) -> QueryPart:
+        """The weighted sum of the vectors of the history items this index holds (unnormalised)."""
+        rows, relative = self._history(item_ids, weights)
+        if not len(rows):
+            return self._part(np.zeros(0, np.float32), 0)
+        return self._part(weighted_sum(self._loaded.index.vectors, rows, relative)[0].astype(np.float32), len(rows))
 
     def by_vector(self, values: Sequence[float], n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)

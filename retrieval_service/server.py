@@ -1,4 +1,4 @@
-"""The retrieval gRPC server: Retrieve and SimilarItems over the loaded index."""
+"""The retrieval gRPC server: Retrieve, SimilarItems and QueryVector over the loaded index (or shard)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import grpc
 import numpy as np
 
 from retrieval_service.artifact import load_index_artifact
-from retrieval_service.retriever import Candidates, Retriever, TextQueryEncoder
-from shared.artifacts import current_version
+from retrieval_service.retriever import Candidates, QueryPart, Retriever, TextQueryEncoder
+from retrieval_service.shards import shard_artifact_name
+from shared.artifacts import ArtifactError, current_version
 from shared.config import EmbeddingSettings, RetrievalSettings
 from shared.errors import InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
@@ -30,6 +31,19 @@ def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
         ],
         index_version=candidates.index_version,
         dimension=candidates.dimension,
+        shard=candidates.shard,
+        shard_count=candidates.shard_count,
+    )
+
+
+def _query_vector_response(part: QueryPart) -> retrieval_pb2.QueryVectorResponse:
+    return retrieval_pb2.QueryVectorResponse(
+        partial=retrieval_pb2.FloatVector(values=part.vector.tolist()),
+        known=part.known,
+        index_version=part.index_version,
+        dimension=part.dimension,
+        shard=part.shard,
+        shard_count=part.shard_count,
     )
 
 
@@ -66,6 +80,20 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         retriever = self._served.get()
         return _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
 
+    @grpc_errors
+    def QueryVector(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.QueryVectorRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.QueryVectorResponse:
+        retriever = self._served.get()
+        query = request.WhichOneof("query")
+        if query == "user_id":
+            return _query_vector_response(retriever.user_part(request.user_id))
+        if query == "history":
+            return _query_vector_response(
+                retriever.history_part(list(request.history.item_ids), list(request.history.weights))
+            )
+        raise InvalidArgument("set one query: user_id or history", field="query")
+
 
 def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
     from shared.embeddings import SentenceTransformerEmbedder
@@ -75,14 +103,21 @@ def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
 
 
 def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
-    """Serve the current index artifact; returns once SERVING (NOT_SERVING while loading)."""
+    """Serve the current index artifact (or one shard of it); returns once SERVING (NOT_SERVING while loading)."""
     faiss.omp_set_num_threads(settings.search_threads)
     text_encoder: list[TextQueryEncoder | None] = []
+    artifact_name = shard_artifact_name(settings.index_name, settings.shard, settings.shards)
 
     def load(version: str | None) -> Retriever:
         if not text_encoder:  # loaded once, with the first index, before SERVING
             text_encoder.append(load_text_encoder(embedding) if settings.text_queries else None)
-        loaded = load_index_artifact(settings.artifacts, settings.nprobe, settings.index_name, version)
+        loaded = load_index_artifact(settings.artifacts, settings.nprobe, artifact_name, version)
+        if (loaded.shard, loaded.shard_count) != (settings.shard, settings.shards):
+            # A shard answering for another shard's items would corrupt every merged answer.
+            raise ArtifactError(
+                f"{artifact_name}/{loaded.version} holds shard {loaded.shard} of {loaded.shard_count}, "
+                f"but this server is configured for shard {settings.shard} of {settings.shards}"
+            )
         retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder[0])
         # One search before serving: the first caller should not pay for page faults.
         retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
@@ -90,10 +125,10 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
 
     served = Reloadable(
         SERVICE_NAME,
-        settings.index_name,
+        artifact_name,
         load,
         lambda retriever: retriever.loaded.version,
-        lambda: current_version(settings.artifacts, settings.index_name),
+        lambda: current_version(settings.artifacts, artifact_name),
     )
     return start_server(
         SERVICE_NAME,

@@ -108,20 +108,35 @@ def text_query(text_vector: Matrix, collaborative_dim: int, settings: IndexBuild
     return normalise_rows(padded.astype(np.float32))
 
 
-def history_query(
-    item_vectors: npt.NDArray[np.floating], rows: npt.NDArray[np.int64], weights: npt.NDArray[np.float32]
-) -> Matrix:
-    """Weighted mean of the given items' fused vectors, unit length; shape (1, d).
-
-    Only relative weights matter, so they are scaled to a maximum of 1 first: a client's
-    decayed recency weights (1e-30) or huge counts (1e38) give the same direction.
-    """
+def relative_weights(weights: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """Weights scaled to a maximum of 1 (float64): only relative weights matter, so a
+    client's decayed recency weights (1e-30) or huge counts (1e38) give the same direction."""
     relative = weights.astype(np.float64)
     largest = relative.max(initial=0.0)
     if largest > 0:
         relative /= largest
-    mean = (relative[:, None] * item_vectors[rows].astype(np.float64)).sum(axis=0, keepdims=True)
-    return normalise_rows(mean)
+    return relative
+
+
+def weighted_sum(
+    item_vectors: npt.NDArray[np.floating], rows: npt.NDArray[np.int64], relative: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Sum of the given items' fused vectors times their relative weights; shape (1, d).
+
+    Unnormalised, so the sums over disjoint sets of items (index shards) add up to the sum
+    over all of them.
+    """
+    total: npt.NDArray[np.float64] = (relative[:, None] * item_vectors[rows].astype(np.float64)).sum(
+        axis=0, keepdims=True
+    )
+    return total
+
+
+def history_query(
+    item_vectors: npt.NDArray[np.floating], rows: npt.NDArray[np.int64], weights: npt.NDArray[np.float32]
+) -> Matrix:
+    """Weighted mean of the given items' fused vectors, unit length; shape (1, d)."""
+    return normalise_rows(weighted_sum(item_vectors, rows, relative_weights(weights)))
 
 
 def user_queries(events: Events, item_vectors: Matrix, n_users: int, now: int, settings: IndexBuildSettings) -> Matrix:

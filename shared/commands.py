@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from shared.cli import Command, CommandRegistry
@@ -47,13 +48,21 @@ def vitrine_command(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def server_process(argv: Sequence[str], port_file: Path, log_file: Path) -> Iterator[int]:
-    """Run a ``vitrine serve ...`` process; yield its port once serving; SIGTERM on exit."""
+def server_process(
+    argv: Sequence[str], port_file: Path, log_file: Path, env: Mapping[str, str] | None = None
+) -> Iterator[int]:
+    """Run a ``vitrine serve ...`` process; yield its port once serving; SIGTERM on exit.
+
+    ``env`` adds to (or overrides) this process's environment, e.g. ``VITRINE_...`` settings.
+    """
     port_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as log:
         process = subprocess.Popen(
-            [*argv, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)], stdout=log, stderr=log
+            [*argv, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **env} if env else None,
         )
         try:
             deadline = time.monotonic() + SERVER_START_TIMEOUT_S
@@ -87,7 +96,12 @@ def run_step(*argv: str) -> None:
 
 
 def run_build(data: Path, out: Path) -> None:
-    """Training index (before the label cutoff) -> ranker trained against it -> serving index."""
+    """Training index (before the label cutoff) -> ranker trained against it -> serving index.
+
+    Only the serving index is split into ``index_build.shards`` shards: the training index
+    lives for one step on this machine, and the merged answers of shards are the whole
+    index's answers, so the ranker learns on what sharded serving returns.
+    """
     from shared.config import load_settings
     from shared.data import load_dataset
 
@@ -95,11 +109,17 @@ def run_build(data: Path, out: Path) -> None:
     dataset = load_dataset(data)
     cutoff = dataset.events.time_at(1.0 - settings.ranker_build.label_window)
     print(f"[1/3] training index from events before {cutoff}", flush=True)
-    run_step("build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff))
+    run_step(
+        "build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff),
+        "--shards", "1",
+    )  # fmt: skip
     print("[2/3] ranker trained on candidates from a retrieval server over that index", flush=True)
     run_dir = out / "logs"
+    train_server = vitrine_command(
+        "serve", "retrieval", "--artifacts", str(out), "--index-name", "index-train", "--shard", "0", "--shards", "1"
+    )  # fmt: skip
     with server_process(
-        vitrine_command("serve", "retrieval", "--artifacts", str(out), "--index-name", "index-train"),
+        train_server,
         run_dir / "retrieval-train.port",
         run_dir / "retrieval-train.log",
     ) as port:
@@ -114,7 +134,8 @@ def run_build(data: Path, out: Path) -> None:
             "--cutoff",
             str(cutoff),
         )
-    print("[3/3] serving index from all events", flush=True)
+    shards = settings.index_build.shards
+    print(f"[3/3] serving index from all events{f' in {shards} shards' if shards > 1 else ''}", flush=True)
     run_step("build-index", "--data", str(data), "--out", str(out))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -24,6 +24,7 @@ from pydantic_settings import (
 from shared.security import AuthSettings, ClientTlsSettings, TlsSettings
 
 CONFIG_FILE_ENV = "VITRINE_CONFIG"
+MAX_SHARDS = 256
 
 
 class EmbeddingSettings(BaseModel):
@@ -49,6 +50,10 @@ class IndexBuildSettings(BaseModel):
     history_length: int = Field(30, ge=1)
     history_half_life_days: float = Field(14.0, gt=0)
     seed: int = 7
+    # Split the serving index into this many shards by a stable hash of the item id (users
+    # by their id): one artifact per shard, <name>-shard-<i>-of-<shards>, all with the same
+    # version and the same vector space. 1: one whole index (see deploy/README.md).
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
 
     @model_validator(mode="after")
     def _some_signal(self) -> IndexBuildSettings:
@@ -105,6 +110,16 @@ class RetrievalSettings(ServerSettings):
     # Free-text queries need the text model in memory (~0.5 GB, ~8 s to load). It is loaded
     # before the server reports SERVING, so no request ever waits for it or competes with it.
     text_queries: bool = True
+    # Serve one shard of an index built with index_build.shards > 1: the artifact
+    # <index_name>-shard-<shard>-of-<shards>. shards = 1: the whole index <index_name>.
+    shard: int = Field(0, ge=0)
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> RetrievalSettings:
+        if self.shard >= self.shards:
+            raise ValueError(f"retrieval.shard must be below retrieval.shards ({self.shards}), got {self.shard}")
+        return self
 
 
 class RankingSettings(ServerSettings):
@@ -119,6 +134,13 @@ class RankingSettings(ServerSettings):
     retrieval_lb_policy: str = Field("round_robin", pattern="^(round_robin|pick_first)$")
     retrieval_token: SecretStr | None = None
     retrieval_target: str = "127.0.0.1:50051"
+    # A sharded item index: one target per shard (each may be a headless Service over that
+    # shard's replicas). Every request fans out to all of them and merges the answers;
+    # empty: the single retrieval_target.
+    retrieval_shards: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=MAX_SHARDS)
+    # Sharded: the query-vector step may use at most this share of the retrieval budget,
+    # so one slow shard in step 1 still leaves the other shards time to search.
+    retrieval_query_share: float = Field(0.4, gt=0, lt=1)
     max_k: int = Field(100, ge=1)
     candidates: int = Field(300, ge=1)
     # Budget for the retrieval call when the caller set no deadline.

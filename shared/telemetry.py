@@ -33,6 +33,14 @@ CANDIDATES = Histogram(
     buckets=(0, 10, 50, 100, 200, 300, 500, 1000, 2000),
 )
 DEGRADED = Counter("vitrine_degraded_responses_total", "Answers served from a fallback", ["service", "reason"])
+PARTIAL = Counter(
+    "vitrine_partial_responses_total", "Answers merged from only some shards of the item index", ["service", "reason"]
+)
+SHARD_FAILURES = Counter(
+    "vitrine_retrieval_shard_failures_total",
+    "Calls to one retrieval shard that failed or missed their deadline (shard = position in retrieval_shards)",
+    ["service", "shard", "step"],
+)
 ARTIFACT_INFO = Gauge(
     "vitrine_artifact_info", "Artifact version being served (value 1)", ["service", "artifact", "version"]
 )

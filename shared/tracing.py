@@ -80,12 +80,32 @@ class TracingInterceptor(ServerInterceptorBase):
         return wrap_unary(continuation(handler_call_details), traced)
 
 
-@contextmanager
-def client_span(method: str) -> Iterator[tuple[tuple[str, str | bytes], ...]]:
-    """A CLIENT span around an outgoing call; yields the metadata that carries its context."""
-    with tracer().start_as_current_span(
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def start_client_span(method: str) -> tuple[trace.Span, Metadata]:
+    """A started CLIENT span (child of the current span, not made current) and the metadata
+    that carries its context; the caller ends it. Several can be open side by side, one per
+    call of a scatter-gather, without nesting in each other."""
+    span = tracer().start_span(
         method, kind=SpanKind.CLIENT, attributes={"rpc.system": "grpc", "rpc.method": f"/{method}"}
-    ):
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        yield tuple(carrier.items())
+    )
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, tuple(carrier.items())
+
+
+def end_client_span(span: trace.Span, error: BaseException | None = None) -> None:
+    """End a span from :func:`start_client_span`, marked as failed when the call failed."""
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR))
+    span.end()
+
+
+@contextmanager
+def client_span(method: str) -> Iterator[Metadata]:
+    """A CLIENT span around an outgoing call; yields the metadata that carries its context."""
+    span, metadata = start_client_span(method)
+    with trace.use_span(span, end_on_exit=True):
+        yield metadata

@@ -62,10 +62,15 @@ Request = TypeVar(
     ranking_pb2.RecommendRequest,
     retrieval_pb2.RetrieveRequest,
     retrieval_pb2.SimilarItemsRequest,
+    retrieval_pb2.QueryVectorRequest,
     admin_pb2.ReloadArtifactsRequest,
 )
 Response = TypeVar(
-    "Response", ranking_pb2.RecommendResponse, retrieval_pb2.RetrieveResponse, admin_pb2.ReloadArtifactsResponse
+    "Response",
+    ranking_pb2.RecommendResponse,
+    retrieval_pb2.RetrieveResponse,
+    retrieval_pb2.QueryVectorResponse,
+    admin_pb2.ReloadArtifactsResponse,
 )
 
 
@@ -512,6 +517,44 @@ def test_similar_items_never_fails_on_the_server_side(servers: Servers, dataset:
         assert request.item_id not in ids, "the item itself was returned"
 
     similar()
+    _assert_alive(servers, dataset)
+
+
+@st.composite
+def query_vector_requests(draw: st.DrawFn, users: list[str], items: list[str]) -> Any:
+    request = retrieval_pb2.QueryVectorRequest()
+    mode = draw(st.sampled_from(["user_id", "history", "none"]))
+    if mode == "user_id":
+        request.user_id = draw(user_ids(users, items))
+    elif mode == "history":
+        item_ids, weights = draw(histories(items))
+        request.history.CopyFrom(retrieval_pb2.ItemHistory(item_ids=item_ids, weights=weights))
+    return request
+
+
+def test_query_vector_never_fails_on_the_server_side(servers: Servers, dataset: Dataset) -> None:
+    """Step 1 of the sharded scatter-gather: a part of the query vector, finite and of the index dimension."""
+    users, items, _ = _pools(dataset)
+    dimension = _dimension(servers)
+
+    @FUZZ
+    @given(query_vector_requests(users, items))
+    def query_vector(request: retrieval_pb2.QueryVectorRequest) -> None:
+        response = _call(servers.retrieval.QueryVector, request)
+        if response is None:
+            return
+        mode = request.WhichOneof("query")
+        assert mode is not None, "a request without a query was accepted"
+        values = list(response.partial.values)
+        assert len(values) in (0, dimension), f"a part of {len(values)} values; the index has {dimension}"
+        assert all(math.isfinite(value) for value in values), "non-finite values in the part"
+        assert (response.known > 0) == bool(values)
+        limit = len(request.history.item_ids) if mode == "history" else 1
+        assert 0 <= response.known <= limit
+        assert (response.shard, response.shard_count) == (0, 1)
+        assert response.index_version
+
+    query_vector()
     _assert_alive(servers, dataset)
 
 
