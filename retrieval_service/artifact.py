@@ -113,7 +113,7 @@ def build_index_artifacts(
     collaborative = fit_collaborative(events, n_users, n_items, settings)
     fused = fuse(content, collaborative.item_factors, settings)
     stored_vectors = fused.astype(np.float16)
-    queries = user_queries(events, stored_vectors.astype(np.float32), n_users, cutoff, settings)
+    queries = user_queries(events, stored_vectors.astype(np.float32), content.shape[1], n_users, cutoff, settings)
     has_history = np.linalg.norm(queries, axis=1) > 0
 
     rng = np.random.default_rng(settings.seed)

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval_service.artifact import LoadedIndex
-from retrieval_service.vectors import normalise_rows, relative_weights, text_query, weighted_sum
+from retrieval_service.vectors import query_vector, relative_weights, text_query, unit_halves, weighted_sum
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SOURCE_ANN = "ann"
@@ -66,6 +66,13 @@ class Retriever:
     @property
     def loaded(self) -> LoadedIndex:
         return self._loaded
+
+    @property
+    def _content_dim(self) -> int:
+        return self._loaded.content_dim
+
+    def _query(self, summed: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+        return query_vector(summed, self._content_dim, self._loaded.build)
 
     def _check_n(self, n: int) -> None:
         if not 1 <= n <= self._max_candidates:
@@ -156,7 +163,7 @@ class Retriever:
         rows, relative = self._history(item_ids, weights)
         if not len(rows):
             return self.popular(n, exclude_item_ids)
-        query = normalise_rows(weighted_sum(self._loaded.index.vectors, rows, relative))
+        query = self._query(weighted_sum(self._loaded.index.vectors, rows, relative, self._content_dim))
         if not np.any(query):
             return self.popular(n, exclude_item_ids)
         return self._search(query, n, self._exclusions(exclude_item_ids))
@@ -186,7 +193,8 @@ class Retriever:
         rows, relative = self._history(item_ids, weights)
         if not len(rows):
             return self._part(np.zeros(0, np.float32), 0)
-        return self._part(weighted_sum(self._loaded.index.vectors, rows, relative)[0].astype(np.float32), len(rows))
+        summed = weighted_sum(self._loaded.index.vectors, rows, relative, self._content_dim)
+        return self._part(summed[0].astype(np.float32), len(rows))
 
     def by_vector(self, values: Sequence[float], n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
@@ -198,8 +206,9 @@ class Retriever:
         query = np.asarray(values, dtype=np.float32)[None, :]
         if not np.all(np.isfinite(query)):
             raise InvalidArgument("vector values must be finite numbers", field="vector.values")
-        # Scores are cosines whatever the vector's scale, and a float32-max vector cannot overflow them.
-        query = normalise_rows(query)
+        # Each half is normalised like an index query: any scale works, and a float32-max
+        # vector cannot overflow the scores.
+        query = self._query(query)
         if not np.any(query):
             raise InvalidArgument("vector is all zeros; it matches nothing", field="vector.values")
         return self._search(query, n, self._exclusions(exclude_item_ids))
@@ -232,4 +241,5 @@ class Retriever:
         if row is None:
             raise NotFound(f"item {item_id!r} is not in index version {self._loaded.version}", field="item_id")
         exclude = np.append(self._exclusions(exclude_item_ids), row)
-        return self._search(self._loaded.index.vector(row)[None, :], n, exclude)
+        item = self._loaded.index.vector(row)[None, :]
+        return self._search(self._query(unit_halves(item, self._content_dim)), n, exclude)

@@ -255,7 +255,9 @@ def test_merged_candidates_match_the_unsharded_index(
         item_ids, weights = _history(dataset, user, now, settings)
         exclude = _purchased(dataset, user)
         rows = np.asarray([unsharded.item_row[item_id] for item_id in item_ids], dtype=np.int64)
-        query = history_query(unsharded.index.vectors, rows, np.asarray(weights, dtype=np.float32))
+        query = history_query(
+            unsharded.index.vectors, rows, np.asarray(weights, dtype=np.float32), unsharded.content_dim, unsharded.build
+        )
         exact = _exact_top(unsharded, query, N, exclude)
         merged = client.by_history(item_ids, weights, N, exclude, TIMEOUT_S)
         assert (merged.partial_reason, merged.from_popular) == ("", False)

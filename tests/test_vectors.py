@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval_service.vectors import fit_collaborative, fuse, interaction_matrix, user_queries
+from retrieval_service.vectors import fit_collaborative, fuse, interaction_matrix, query_vector, user_queries
 from shared.config import IndexBuildSettings
 from shared.data import Dataset
 from shared.interactions import recency_weights
@@ -34,15 +34,34 @@ def test_als_factors_put_co_interacted_items_close(dataset: Dataset) -> None:
     assert cosine[same].mean() > cosine[~same].mean() + 0.1
 
 
-def test_fused_vectors_are_unit_length_and_keep_cold_items() -> None:
+def test_fused_vectors_keep_factor_magnitudes_and_cold_items() -> None:
     rng = np.random.default_rng(1)
     content = rng.standard_normal((10, 6)).astype(np.float32)
     collaborative = rng.standard_normal((10, 4)).astype(np.float32)
     collaborative[3] = 0  # an item nobody interacted with
-    fused = fuse(content, collaborative, IndexBuildSettings())
+    settings = IndexBuildSettings(content_weight=0.5, collaborative_weight=2.0)
+    fused = fuse(content, collaborative, settings)
     assert fused.shape == (10, 10)
-    np.testing.assert_allclose(np.linalg.norm(fused, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(fused[:, :6], axis=1), 0.5, rtol=1e-5)
     assert np.all(fused[3, 6:] == 0)
+    # The collaborative half is the factors over one global scale: ALS inner products keep their order.
+    ratios = np.linalg.norm(fused[:, 6:], axis=1)[collaborative.any(axis=1)] / np.linalg.norm(
+        collaborative[collaborative.any(axis=1)], axis=1
+    )
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-5)
+    query = rng.standard_normal(4)
+    assert np.array_equal(np.argsort(fused[:, 6:] @ query), np.argsort(collaborative @ query))
+
+
+def test_queries_are_unit_per_half_times_the_weights() -> None:
+    rng = np.random.default_rng(4)
+    summed = rng.standard_normal((3, 10)) * np.array([[1e-20], [1.0], [1e20]])
+    settings = IndexBuildSettings(content_weight=0.5, collaborative_weight=2.0)
+    queries = query_vector(summed, 6, settings)
+    np.testing.assert_allclose(np.linalg.norm(queries[:, :6], axis=1), 0.5, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(queries[:, 6:], axis=1), 2.0, rtol=1e-5)
+    # A query built from a query is the same query (shards send parts, ranking sends the sum back).
+    np.testing.assert_allclose(query_vector(queries, 6, settings), queries, rtol=1e-5)
 
 
 def test_recency_weights_favour_recent_purchases() -> None:
@@ -56,11 +75,12 @@ def test_recency_weights_favour_recent_purchases() -> None:
 
 def test_user_queries_only_for_users_with_history(dataset: Dataset) -> None:
     vectors = np.random.default_rng(2).standard_normal((len(dataset.catalog), 8)).astype(np.float32)
+    settings = IndexBuildSettings(als_factors=4)
     queries = user_queries(
-        dataset.events, vectors, len(dataset.users), int(dataset.events.timestamp.max()) + 1, IndexBuildSettings()
+        dataset.events, vectors, 4, len(dataset.users), int(dataset.events.timestamp.max()) + 1, settings
     )
     active = np.unique(dataset.events.user_index)
     norms = np.linalg.norm(queries, axis=1)
-    np.testing.assert_allclose(norms[active], 1.0, rtol=1e-4)
+    np.testing.assert_allclose(norms[active], np.sqrt(2.0), rtol=1e-4)  # two unit halves
     inactive = np.setdiff1d(np.arange(len(dataset.users)), active)
     assert np.all(norms[inactive] == 0)
