@@ -17,9 +17,12 @@ from deploy.loadtest.results import (
     FLAG_DEGRADED,
     LoadTestReport,
     Machine,
+    StageResult,
     describe_machine,
+    find_saturation,
     markdown_section,
     read_report,
+    saturation_sentence,
     summarise,
     update_docs,
     write_report,
@@ -119,10 +122,15 @@ def test_summaries_and_markdown_writer(tmp_path: Path) -> None:
     ramped = summarise(ramp, _payload(records, 8.0, ["Recommend"]))
     assert [stage.throughput_rps for stage in ramped.stages] == [10.0, 20.0, 20.67, 18.67]
     assert ramped.saturation is not None
-    assert ramped.saturation.users == 4  # 20.67 < 1.1 x 20
+    assert ramped.saturation.users == 2  # 20 >= 0.9 x the peak 20.67
     assert ramped.saturation.peak_users == 4
     assert ramped.saturation.peak_p95_ms == 30.0
     assert ramped.warmup_requests == 1
+    growing = [StageResult(users=u, requests=1, errors=0, throughput_rps=r, latency=None) for u, r in [(1, 9), (2, 30)]]
+    unsaturated = find_saturation(growing)
+    assert unsaturated is not None
+    assert unsaturated.users is None
+    assert "still growing" in saturation_sentence(unsaturated)
 
     machine = describe_machine()
     assert machine.cores >= 1
@@ -136,7 +144,7 @@ def test_summaries_and_markdown_writer(tmp_path: Path) -> None:
     )
     write_report(report, tmp_path / "results" / "loadtest.json")
     assert read_report(tmp_path / "results" / "loadtest.json") == report
-    assert json.loads((tmp_path / "results" / "loadtest.json").read_text())["scenarios"][1]["saturation"]["users"] == 4
+    assert json.loads((tmp_path / "results" / "loadtest.json").read_text())["scenarios"][1]["saturation"]["users"] == 2
 
     section = markdown_section(report)
     assert section.startswith(BEGIN_MARKER)
@@ -146,7 +154,7 @@ def test_summaries_and_markdown_writer(tmp_path: Path) -> None:
     assert "| mixed | Recommend 50% + SimilarItems 50% | 2 | 20 | 19.3 | 174 | 3 |" in section
     assert "DEADLINE_EXCEEDED 2, RESOURCE_EXHAUSTED 1" in section
     assert "| 4 | 20.7 | 31 | 0 | 30.0 | 30.0 | 30.0 |" in section
-    assert "Throughput stops growing at 4 users" in section
+    assert "Saturated from 2 users (90% of the peak throughput); peak 21 req/s at 4 users (p95 30.0 ms)." in section
 
     # Missing file: title, machine line, the section.
     docs = tmp_path / "docs" / "benchmarks.md"

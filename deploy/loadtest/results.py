@@ -8,7 +8,6 @@ that start in a scenario's warm-up (or in a ramp stage's) are left out of everyt
 from __future__ import annotations
 
 import datetime as dt
-import itertools
 import json
 import os
 import platform
@@ -24,8 +23,10 @@ from deploy.loadtest.settings import Scenario
 BEGIN_MARKER = "<!-- loadtest:begin -->"
 END_MARKER = "<!-- loadtest:end -->"
 DOCS_TITLE = "# Benchmarks"
-# A stage whose throughput grew less than this over the previous stage marks saturation.
-SATURATION_GROWTH = 1.10
+# Saturation: the first ramp stage reaching this share of the peak throughput ...
+SATURATION_SHARE = 0.90
+# ... unless that is the last stage and it still grew by this factor (not saturated yet).
+STILL_GROWING = 1.10
 # Bits of a record's flags (set by the locustfile from the Recommend response).
 FLAG_DEGRADED, FLAG_PARTIAL, FLAG_COLD_START = 1, 2, 4
 
@@ -58,7 +59,8 @@ class StageResult(BaseModel):
 
 
 class Saturation(BaseModel):
-    # The stage where adding users stopped adding throughput (None: it never stopped).
+    # The fewest users reaching 90% of the peak throughput: more users add latency, not
+    # throughput (None: the last stage still grew by 10%, so the ramp did not saturate).
     users: int | None
     peak_users: int
     peak_throughput_rps: float
@@ -96,11 +98,16 @@ class Machine(BaseModel):
     python: str
     system: str
     date: str
+    # 1-minute load average before the first scenario: other work on the machine skews the numbers.
+    load_average: float | None = None
 
     def describe(self) -> str:
+        load = ""
+        if self.load_average is not None:
+            load = f", 1-minute load average {self.load_average:.1f} before the first scenario"
         return (
             f"{self.cores} cores ({self.cpu_model}), {self.memory_gib:.0f} GiB, Python {self.python}, "
-            f"{self.system}; {self.date}"
+            f"{self.system}; {self.date}{load}"
         )
 
 
@@ -126,13 +133,18 @@ def describe_machine(now: dt.datetime | None = None) -> Machine:
     except (ValueError, OSError, AttributeError):
         memory_gib = 0.0
     when = (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        load_average: float | None = round(os.getloadavg()[0], 2)
+    except OSError:
+        load_average = None
     return Machine(
         cores=os.cpu_count() or 1,
         cpu_model=cpu_model,
-        memory_gib=memory_gib,
+        memory_gib=round(memory_gib, 1),
         python=platform.python_version(),
         system=f"{platform.system()} {platform.release()}",
         date=when,
+        load_average=load_average,
     )
 
 
@@ -243,19 +255,21 @@ def summarise(scenario: Scenario, payload: dict[str, Any]) -> ScenarioResult:
 
 
 def find_saturation(stages: list[StageResult]) -> Saturation | None:
+    """Where a ramp stops gaining throughput; robust to one noisy stage (no first-dip rule)."""
     if not stages:
         return None
     peak = max(stages, key=lambda stage: stage.throughput_rps)
-    knee = next(
-        (
-            current.users
-            for previous, current in itertools.pairwise(stages)
-            if current.throughput_rps < SATURATION_GROWTH * previous.throughput_rps
-        ),
-        None,
+    knee: StageResult | None = next(
+        stage for stage in stages if stage.throughput_rps >= SATURATION_SHARE * peak.throughput_rps
     )
+    if (
+        knee is stages[-1]
+        and len(stages) > 1
+        and stages[-1].throughput_rps >= STILL_GROWING * stages[-2].throughput_rps
+    ):
+        knee = None
     return Saturation(
-        users=knee,
+        users=knee.users if knee is not None else None,
         peak_users=peak.users,
         peak_throughput_rps=peak.throughput_rps,
         peak_p95_ms=peak.latency.p95 if peak.latency else None,
@@ -328,7 +342,7 @@ def saturation_sentence(saturation: Saturation) -> str:
         peak += f" (p95 {saturation.peak_p95_ms:.1f} ms)"
     if saturation.users is None:
         return f"throughput still growing at the last stage; {peak}"
-    return f"throughput stops growing at {saturation.users} users; {peak}"
+    return f"saturated from {saturation.users} users (90% of the peak throughput); {peak}"
 
 
 def markdown_section(report: LoadTestReport) -> str:

@@ -134,6 +134,7 @@ def run_scenarios(
     settings: LoadTestSettings, command: str, setup: str, progress: Callable[[str], None] | None = None
 ) -> LoadTestReport:
     """Every selected scenario in turn, after checking the targets are SERVING."""
+    machine = describe_machine()  # before our own load raises the load average
     scenarios = settings.selected()
     settings = with_ids_file(settings)
     check_targets(settings, scenarios)
@@ -144,7 +145,7 @@ def run_scenarios(
         results.append(run_scenario(settings, scenario))
     return LoadTestReport(
         command=command,
-        machine=describe_machine(),
+        machine=machine,
         setup=setup,
         targets={"ranking": settings.target, "retrieval": settings.retrieval_target},
         scenarios=results,
