@@ -29,7 +29,7 @@ from deploy.loadtest.results import (
 )
 from deploy.loadtest.runner import run_scenarios
 from deploy.loadtest.settings import LoadTestSettings, RpcMix, Scenario
-from tests.conftest import BuiltArtifacts, Servers
+from tests.conftest import TEST_DATA, BuiltArtifacts, Servers
 
 
 def test_headless_run_against_real_servers(servers: Servers, artifacts: BuiltArtifacts, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_headless_run_against_real_servers(servers: Servers, artifacts: BuiltArt
     # The ids came from the served index artifact.
     ids = read_ids(tmp_path / "ids.json")
     assert ids == ids_from_artifacts(artifacts.root, session_items=settings.session_items)
-    assert len(ids.items) == 2000
+    assert len(ids.items) == TEST_DATA.n_items
 
 
 def _payload(records: list[list[Any]], wall_s: float, rpcs: list[str]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from deploy.loadtest.results import LoadTestReport
 from deploy.loadtest.runner import RANKING_SERVICE, RETRIEVAL_SERVICE, run_scenarios, wait_serving
 from deploy.loadtest.settings import LoadTestSettings
 from shared.commands import run_build, server_process, vitrine_command
+from shared.security import ClientTlsSettings
 
 
 def prepare_artifacts(settings: LoadTestSettings, rebuild: bool = False) -> None:
@@ -64,11 +65,21 @@ def run_local(settings: LoadTestSettings, command: str, rebuild: bool = False) -
         ) as ranking_port,
     ):
         ranking, retrieval = f"127.0.0.1:{ranking_port}", f"127.0.0.1:{retrieval_port}"
-        wait_serving(retrieval, RETRIEVAL_SERVICE, settings.tls, local.server_start_timeout_s)
-        wait_serving(ranking, RANKING_SERVICE, settings.tls, local.server_start_timeout_s)
+        wait_serving(retrieval, RETRIEVAL_SERVICE, ClientTlsSettings(), local.server_start_timeout_s)
+        wait_serving(ranking, RANKING_SERVICE, ClientTlsSettings(), local.server_start_timeout_s)
         print(f"== retrieval on {retrieval}, ranking on {ranking}: SERVING", flush=True)
+        # Plaintext, no token: these are the local servers, whatever the settings say about a cluster.
         targeted = settings.model_copy(
-            update={"target": ranking, "retrieval_target": retrieval, "ids_file": ids_file.resolve()}
+            update={
+                "target": ranking,
+                "retrieval_target": retrieval,
+                "ids_file": ids_file.resolve(),
+                "tls": ClientTlsSettings(),
+                "retrieval_tls": None,
+                "system_roots": False,
+                "token": None,
+                "retrieval_token": None,
+            }
         )
         setup = (
             f"Both services as processes on loopback with default settings, on the same machine as the load "
