@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from deploy.loadtest.ids import ids_from_artifacts, read_ids, write_ids
+from deploy.loadtest.ids import LoadIds, ids_from_artifacts, read_ids, write_ids
 from deploy.loadtest.results import (
     BEGIN_MARKER,
     END_MARKER,
@@ -27,7 +27,7 @@ from deploy.loadtest.results import (
     update_docs,
     write_report,
 )
-from deploy.loadtest.runner import run_scenarios
+from deploy.loadtest.runner import LoadTestError, run_scenarios
 from deploy.loadtest.settings import LoadTestSettings, RpcMix, Scenario
 from tests.conftest import TEST_DATA, BuiltArtifacts, Servers
 
@@ -189,3 +189,19 @@ def test_ids_file_round_trip(artifacts: BuiltArtifacts, tmp_path: Path) -> None:
     assert read_ids(tmp_path / "ids.json") == ids
     assert ids.users
     assert all(isinstance(user, str) for user in ids.users)
+
+
+def test_warm_up_stops_a_run_that_would_only_fail(servers: Servers, tmp_path: Path) -> None:
+    # Ids the served index does not know: SimilarItems answers NOT_FOUND, before any locust run.
+    write_ids(LoadIds(users=["no-such-user"], items=["no-such-item"]), tmp_path / "ids.json")
+    settings = LoadTestSettings(
+        target=f"127.0.0.1:{servers.ranking_server.port}",
+        retrieval_target=f"127.0.0.1:{servers.retrieval_server.port}",
+        ids_file=tmp_path / "ids.json",
+        scenarios=[Scenario(name="mixed", rpcs=RpcMix(recommend=1, similar_items=1), duration_s=2)],
+        run_dir=tmp_path,
+        docs=None,
+    )
+    with pytest.raises(LoadTestError, match=r"warm-up: 1 calls failed, e.g. 1 x SimilarItems NOT_FOUND"):
+        run_scenarios(settings, "pytest", "fixture servers")
+    assert not list(tmp_path.glob("*.records.json"))

@@ -41,6 +41,7 @@ grpc_gevent.init_gevent()
 from locust import LoadTestShape, User, constant, constant_throughput, events  # noqa: E402
 from locust.env import Environment  # noqa: E402
 
+from deploy.loadtest.channels import open_target_channel, token_metadata  # noqa: E402
 from deploy.loadtest.ids import LoadIds, ids_from_artifacts, read_ids  # noqa: E402
 from deploy.loadtest.results import FLAG_COLD_START, FLAG_DEGRADED, FLAG_PARTIAL  # noqa: E402
 from deploy.loadtest.settings import (  # noqa: E402
@@ -52,7 +53,7 @@ from deploy.loadtest.settings import (  # noqa: E402
     load_loadtest_settings,
 )
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc  # noqa: E402
-from shared.security import ClientTlsSettings, call_credentials_metadata, channel_options, open_channel  # noqa: E402
+from shared.security import ClientTlsSettings  # noqa: E402
 
 # Without it gRPC shares one connection among channels to the same target, and a load
 # balancer in front of several pods would see a single client.
@@ -139,10 +140,9 @@ class RpcFailure(Exception):
 
 
 def _channel(target: str, tls: ClientTlsSettings) -> grpc.Channel:
-    options = _CHANNEL_OPTIONS if SETTINGS.channel_per_user else []
-    if SETTINGS.system_roots and tls.ca_file is None:
-        return grpc.secure_channel(target, grpc.ssl_channel_credentials(), options=[*options, *channel_options(tls)])
-    return open_channel(target, tls, options, setting="loadtest.tls")
+    return open_target_channel(
+        target, tls, SETTINGS.system_roots, _CHANNEL_OPTIONS if SETTINGS.channel_per_user else []
+    )
 
 
 class _Channels:
@@ -164,12 +164,8 @@ class _Channels:
 _SHARED: _Channels | None = None
 
 
-def _metadata(token: Any) -> tuple[tuple[str, str], ...]:
-    return call_credentials_metadata(token) if token is not None else ()
-
-
-RANKING_METADATA = _metadata(SETTINGS.token)
-RETRIEVAL_METADATA = _metadata(SETTINGS.retrieval_token or SETTINGS.token)
+RANKING_METADATA = token_metadata(SETTINGS.token)
+RETRIEVAL_METADATA = token_metadata(SETTINGS.retrieval_token or SETTINGS.token)
 
 
 def _wait_time() -> Callable[[User], float]:
@@ -195,6 +191,11 @@ class VitrineClient(User):
         self.rpc_names = list(MIX)
         self.rpc_weights = list(MIX.values())
         self.unknown_users = 0
+        if SCENARIO.kind == "steady" and SCENARIO.rate is not None:
+            # Clients spawned together would stay in phase under constant_throughput and send
+            # their requests in bursts; a random offset within one period spreads them out
+            # (time.sleep is gevent's here: locust monkey-patches it).
+            time.sleep(self.rng.uniform(0.0, SCENARIO.users / SCENARIO.rate))
 
     def on_stop(self) -> None:
         if SETTINGS.channel_per_user:

@@ -14,17 +14,20 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.loadtest.ids import ids_from_artifacts, write_ids
+from deploy.loadtest.channels import open_target_channel, token_metadata
+from deploy.loadtest.ids import ids_from_artifacts, read_ids, write_ids
 from deploy.loadtest.results import LoadTestReport, ScenarioResult, describe_machine, summarise
 from deploy.loadtest.settings import RECORDS_ENV, RESOLVED_ENV, SCENARIO_ENV, LoadTestSettings, Scenario
 from shared.logs import event
-from shared.security import ClientTlsSettings, open_channel
+from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from shared.security import ClientTlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +49,7 @@ def wait_serving(
     """Poll gRPC health until ``service`` at ``target`` reports SERVING (health needs no token)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    if system_roots and tls.ca_file is None:
-        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
-    else:
-        channel = open_channel(target, tls, setting="loadtest.tls")
-    with channel:
+    with open_target_channel(target, tls, system_roots) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -59,7 +58,7 @@ def wait_serving(
                     return
                 last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
             except grpc.RpcError as error:
-                last = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.Call) else str(error)
+                last = _describe(error)
             time.sleep(0.2)
     raise LoadTestError(f"{target} {service}: not SERVING after {timeout_s:.0f}s (last: {last})")
 
@@ -71,6 +70,53 @@ def check_targets(settings: LoadTestSettings, scenarios: list[Scenario], timeout
             raise LoadTestError("a scenario calls SimilarItems: set retrieval_target (--retrieval)")
         tls = settings.retrieval_tls or settings.tls
         wait_serving(settings.retrieval_target, RETRIEVAL_SERVICE, tls, timeout_s, settings.system_roots)
+
+
+def warm_up(settings: LoadTestSettings, scenarios: list[Scenario]) -> None:
+    """A few sequential calls of every RPC the scenarios use, before any is measured.
+
+    Fresh processes answer their first calls slowly (lazy initialisation, cold caches);
+    a wrong token, certificate or id source shows here as one clear error, not as a
+    scenario full of failures.
+    """
+    ids = read_ids(settings.ids_file) if settings.ids_file is not None else None
+    if ids is None or settings.warmup_calls == 0:
+        return
+    failures: Counter[str] = Counter()
+    rpcs = {rpc for scenario in scenarios for rpc in scenario.rpcs.weights()}
+    with open_target_channel(settings.target, settings.tls, settings.system_roots) as channel:
+        stub = ranking_pb2_grpc.RankingStub(channel)
+        metadata = token_metadata(settings.token)
+        for user in ids.users[: settings.warmup_calls]:
+            try:
+                stub.Recommend(
+                    ranking_pb2.RecommendRequest(user_id=user, k=settings.k),
+                    timeout=settings.timeout_s,
+                    metadata=metadata,
+                )
+            except grpc.RpcError as error:
+                failures[f"Recommend {_describe(error)}"] += 1
+    if "SimilarItems" in rpcs and settings.retrieval_target is not None:
+        tls = settings.retrieval_tls or settings.tls
+        with open_target_channel(settings.retrieval_target, tls, settings.system_roots) as channel:
+            retrieval = retrieval_pb2_grpc.RetrievalStub(channel)
+            metadata = token_metadata(settings.retrieval_token or settings.token)
+            for item in ids.items[: settings.warmup_calls]:
+                try:
+                    retrieval.SimilarItems(
+                        retrieval_pb2.SimilarItemsRequest(item_id=item, n=settings.similar_n),
+                        timeout=settings.timeout_s,
+                        metadata=metadata,
+                    )
+                except grpc.RpcError as error:
+                    failures[f"SimilarItems {_describe(error)}"] += 1
+    if failures:
+        (reason, count), *_ = failures.most_common(1)
+        raise LoadTestError(f"warm-up: {sum(failures.values())} calls failed, e.g. {count} x {reason}")
+
+
+def _describe(error: grpc.RpcError) -> str:
+    return f"{error.code().name}: {error.details()}" if isinstance(error, grpc.Call) else str(error)
 
 
 def with_ids_file(settings: LoadTestSettings) -> LoadTestSettings:
@@ -138,6 +184,7 @@ def run_scenarios(
     scenarios = settings.selected()
     settings = with_ids_file(settings)
     check_targets(settings, scenarios)
+    warm_up(settings, scenarios)
     results = []
     for scenario in scenarios:
         if progress is not None:

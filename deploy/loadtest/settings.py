@@ -170,6 +170,8 @@ class LoadTestSettings(BaseSettings):
     # `python -m deploy.loadtest ids`), or the artifact root the services serve.
     ids_file: Path | None = None
     artifacts: Path | None = None
+    # Sequential calls per RPC before the first scenario (not measured); any failure stops the run.
+    warmup_calls: int = Field(50, ge=0, le=10_000)
     # Per-call deadline; a call past it counts as DEADLINE_EXCEEDED.
     timeout_s: float = Field(2.0, gt=0)
     k: int = Field(10, ge=1)
