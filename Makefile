@@ -15,7 +15,7 @@ WORKDIR ?= var/demo
 DATA_DIR ?= ../shared/data
 EVAL_OUT ?= var/eval
 
-.PHONY: install tools protos demo test eval lint typecheck clean
+.PHONY: install tools protos demo test eval loadtest lint typecheck clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -60,6 +60,12 @@ eval: install
 		echo "no MovieLens 100K at $(DATA_DIR)/ml-100k (set DATA_DIR); nothing to evaluate"; \
 	fi
 
+# A bounded local load test (about 2 minutes): small artifacts, both services on loopback,
+# locust headless; prints latency/throughput/errors, writes benchmarks/results/loadtest.json
+# and the loadtest section of docs/benchmarks.md. See deploy/loadtest/README.md.
+loadtest: install
+	$(PY) -m deploy.loadtest local
+
 test: install tools
 	$(PY) -m pytest -q
 
@@ -68,7 +74,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy shared retrieval_service ranking_service tests
+	$(VENV)/bin/mypy shared retrieval_service ranking_service tests deploy
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache

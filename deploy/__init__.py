@@ -1,0 +1,1 @@
+"""Deployment assets; ``deploy.loadtest`` is the load-test harness (a client, not a service)."""
