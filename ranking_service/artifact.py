@@ -20,6 +20,7 @@ import numpy as np
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
 from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
+from shared.config import RankerBuildSettings
 from shared.data import Dataset, Events
 from shared.logs import event
 
@@ -129,7 +130,10 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         booster=booster,
         items=items,
         item_row=items.row_of(),
-        stats=item_stats(events, len(items), snapshot_at),
+        # The co-interaction features must be computed as the model was trained.
+        stats=item_stats(
+            events, len(items), snapshot_at, RankerBuildSettings.model_validate(artifact.params["ranker_build"])
+        ),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,
     )

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from shared.cli import Command, CommandRegistry, add_server_arguments, server_overrides
+from shared.cli import Command, CommandRegistry, add_label_split_argument, add_server_arguments, server_overrides
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset directory")
     parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/ranker/<version>/")
     parser.add_argument(
-        "--retrieval", required=True, help="HOST:PORT of a retrieval service serving an index built before --cutoff"
+        "--retrieval",
+        required=True,
+        help="HOST:PORT of a retrieval service serving an index built without the label events "
+        "(build-index --without-ranker-labels, or --cutoff)",
     )
-    parser.add_argument("--cutoff", type=int, default=None, help="label split time (default: from settings)")
+    parser.add_argument(
+        "--cutoff", type=int, default=None, help="label events are those from this unix time on (default: settings)"
+    )
+    add_label_split_argument(parser)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -25,7 +31,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from shared.data import load_dataset
     from shared.embeddings import cached_text_embedder
 
-    settings = load_settings()
+    settings = load_settings(ranker_build={"label_split": args.label_split})
     dataset = load_dataset(args.data)
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     content = embedder.encode(dataset.catalog.embedding_texts(), show_progress=True)

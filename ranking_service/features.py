@@ -18,7 +18,7 @@ from shared.data import CART, DEVICES, PURCHASE
 from shared.interactions import SECONDS_PER_DAY, event_weights
 
 FEATURE_NAMES: tuple[str, ...] = (
-    "retrieval_score",
+    "retrieval_score_relative",
     "retrieval_rank",
     "retrieval_from_popular",
     "item_log_popularity",
@@ -45,6 +45,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "session_brand_share",
     "content_sim_recent_max",
     "content_sim_last",
+    "co_interaction_score",
+    "co_interaction_mean",
+    "co_interaction_max",
     "hour_of_day",
     "day_of_week",
     "device",
@@ -105,7 +108,11 @@ class FeatureBuilder:
             values[:, FEATURE_INDEX[name]] = column
 
         now = context.timestamp
-        put("retrieval_score", candidates.retrieval_scores)
+        # Relative to the request's best: raw inner products change scale with every index
+        # build (ALS settings are re-tuned), and the ranker outlives the index it trained on.
+        scores = candidates.retrieval_scores.astype(np.float64)
+        top = float(np.abs(scores).max()) if n else 0.0
+        put("retrieval_score_relative", scores / top if top > 0 else scores)
         put("retrieval_rank", np.arange(n, dtype=np.float32))
         put("retrieval_from_popular", float(candidates.from_popular))
         put("item_log_popularity", stats.log_popularity[rows])
@@ -171,6 +178,17 @@ class FeatureBuilder:
             put("content_sim_last", similarity[:, 0])
             closest_row = recent[best].astype(np.int32)
             closest_code = recent_codes[best]
+
+        # Item-to-item: how strongly the users who touched the history items also touched
+        # each candidate, summed with intent weights (session items weigh as views).
+        anchors = np.concatenate([session, hist_rows])
+        if len(anchors):
+            anchor_weights = np.concatenate([np.ones(len(session), np.float32), weights]).astype(np.float64)
+            similar = stats.co_interactions[anchors][:, rows]  # (anchors, candidates), sparse
+            score = np.asarray(similar.T @ anchor_weights).ravel()
+            put("co_interaction_score", score)
+            put("co_interaction_mean", score / anchor_weights.sum())
+            put("co_interaction_max", similar.max(axis=0).toarray().ravel())
 
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
         put("hour_of_day", moment.hour)

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+import scipy.sparse as sp
 
+from shared.config import RankerBuildSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.interactions import SECONDS_PER_DAY, event_weights
 
@@ -76,9 +78,50 @@ class ItemStats:
     log_purchases: npt.NDArray[np.float32]
     conversion_rate: npt.NDArray[np.float32]
     popular_rows: npt.NDArray[np.int32]
+    # (n_items, n_items) sparse: row i holds the items most often touched by the users
+    # who touched i, as shrunk cosine similarities (see :func:`co_interactions`).
+    co_interactions: sp.csr_matrix
 
 
-def item_stats(events: Events, n_items: int, as_of: int) -> ItemStats:
+def co_interactions(events: Events, n_items: int, settings: RankerBuildSettings) -> sp.csr_matrix:
+    """Item-to-item similarity from users who touched both: the item-kNN signal.
+
+    Each user counts with their newest ``co_interaction_history`` distinct items (heavy
+    users would otherwise dominate and make the product quadratic); similarity is the
+    co-occurrence count over ``sqrt(n_i * n_j) + shrink``, and each item keeps its
+    ``co_interaction_neighbours`` best.
+    """
+    if not len(events):
+        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
+    order = np.lexsort((-events.timestamp, events.user_index))
+    users, items = events.user_index[order], events.item_index[order]
+    # Distinct (user, item) pairs, newest first within a user.
+    pairs = users.astype(np.int64) * n_items + items
+    _, first = np.unique(pairs, return_index=True)
+    newest = np.sort(first)
+    users, items = users[newest], items[newest]
+    position = np.arange(len(users)) - np.searchsorted(users, users)
+    keep = position < settings.co_interaction_history
+    n_users = int(users.max()) + 1
+    touched = sp.csr_matrix(
+        (np.ones(int(keep.sum()), np.float32), (users[keep], items[keep])), shape=(n_users, n_items)
+    )
+    counts = np.asarray(touched.sum(axis=0), dtype=np.float64).ravel()
+    together = (touched.T @ touched).tocoo()
+    off_diagonal = together.row != together.col
+    rows, cols = together.row[off_diagonal], together.col[off_diagonal]
+    similarity = together.data[off_diagonal] / (np.sqrt(counts[rows] * counts[cols]) + settings.co_interaction_shrink)
+    # Best neighbours first within each row, then the first ``neighbours`` of each row.
+    best = np.lexsort((-similarity, rows))
+    rows, cols, similarity = rows[best], cols[best], similarity[best]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)
+    kept = rank < settings.co_interaction_neighbours
+    return sp.csr_matrix(
+        (similarity[kept].astype(np.float32), (rows[kept], cols[kept])), shape=(n_items, n_items), dtype=np.float32
+    )
+
+
+def item_stats(events: Events, n_items: int, as_of: int, settings: RankerBuildSettings) -> ItemStats:
     past = events.before(as_of)
     weights = event_weights(past.event_code).astype(np.float64)
     popularity = np.bincount(past.item_index, weights=weights, minlength=n_items)
@@ -96,6 +139,7 @@ def item_stats(events: Events, n_items: int, as_of: int) -> ItemStats:
         log_purchases=np.log1p(purchases).astype(np.float32),
         conversion_rate=conversion.astype(np.float32),
         popular_rows=np.argsort(-popularity, kind="stable").astype(np.int32),
+        co_interactions=co_interactions(past, n_items, settings),
     )
 
 

@@ -1,11 +1,12 @@
 """Train the LightGBM LambdaMART ranker on candidates from the retrieval service.
 
-Time split: the retrieval service serves an index built from events before
-``cutoff``; for every user who comes back after ``cutoff``, one request is replayed
-at a point in their first returning session (history = everything before that
-moment, session = the session so far). Candidates come from the retrieval service
-through the serving code path, features are computed as of the request, and labels
-are the user's interactions from that moment on (purchase 3 > cart 2 > view 1).
+Time split: :func:`shared.interactions.ranker_label_mask` marks the label events
+(after one global cutoff, or each user's newest ones); the retrieval service serves an
+index built from all other events. For every user with label events, one request is
+replayed at a point in the session of their first label event (history = everything
+before that moment, session = the session so far). Candidates come from the retrieval
+service through the serving code path, features are computed as of the request, and
+labels are the user's interactions from that moment on (purchase 3 > cart 2 > view 1).
 
 A share of users is held out entirely: on them the trained ranker's NDCG@10 is
 compared with the retrieval order on the same candidates, and both are recorded in
@@ -34,7 +35,7 @@ from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
 from shared.config import RankerBuildSettings, RankingSettings
 from shared.data import Dataset
-from shared.interactions import event_labels
+from shared.interactions import event_labels, ranker_label_mask
 from shared.logs import event
 from shared.metrics import mean, ndcg_at_k
 
@@ -46,9 +47,11 @@ MAX_SESSION_PREFIX = 3
 RETRIEVAL_TIMEOUT_S = 10.0
 
 
-def label_cutoff(dataset: Dataset, settings: RankerBuildSettings) -> int:
-    """The time that splits history (before) from ranker labels (after)."""
-    return dataset.events.time_at(1.0 - settings.label_window)
+def label_mask(dataset: Dataset, settings: RankerBuildSettings, cutoff: int | None = None) -> npt.NDArray[np.bool_]:
+    """The label events: after ``cutoff`` when given, else as ``settings.label_split`` says."""
+    if cutoff is not None:
+        return np.asarray(dataset.events.timestamp >= cutoff)
+    return ranker_label_mask(dataset.events, settings.label_split, settings.label_window, settings.seed)
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,15 @@ class ReplayedRequest:
     holdout: bool
 
 
-def replay_requests(dataset: Dataset, cutoff: int, settings: RankerBuildSettings) -> list[ReplayedRequest]:
-    """One request per user active after ``cutoff``, at a point in their first session back."""
+def replay_requests(
+    dataset: Dataset, labels_mask: npt.NDArray[np.bool_], settings: RankerBuildSettings
+) -> list[ReplayedRequest]:
+    """One request per user with label events, at a point in the session of the first one."""
     events = dataset.events
+    if settings.label_split == "random":
+        return _requests_after_everything(dataset, labels_mask, settings)
     rng = np.random.default_rng(settings.seed)
-    future = np.flatnonzero(events.timestamp >= cutoff)
+    future = np.flatnonzero(labels_mask)
     order = future[np.lexsort((events.timestamp[future], events.user_index[future]))]
     users = events.user_index[order]
     boundaries = np.flatnonzero(np.diff(users)) + 1
@@ -92,6 +99,39 @@ def replay_requests(dataset: Dataset, cutoff: int, settings: RankerBuildSettings
                 ),
                 labels=labels,
                 holdout=holdout,
+            )
+        )
+    return requests
+
+
+def _requests_after_everything(
+    dataset: Dataset, labels_mask: npt.NDArray[np.bool_], settings: RankerBuildSettings
+) -> list[ReplayedRequest]:
+    """Random label split: one request per user just after the last event, no session;
+    labels are the user's label events, whenever they happened."""
+    events = dataset.events
+    moment = int(events.timestamp.max()) + 1
+    labels_all = event_labels(events.event_code)
+    chosen = np.flatnonzero(labels_mask)
+    chosen = chosen[np.argsort(events.user_index[chosen], kind="stable")]
+    boundaries = np.flatnonzero(np.diff(events.user_index[chosen])) + 1
+    requests: list[ReplayedRequest] = []
+    for user_events in np.split(chosen, boundaries):
+        if not len(user_events):
+            continue
+        user_id = str(dataset.users.user_ids[events.user_index[user_events[0]]])
+        labels: dict[int, int] = {}
+        for index in user_events:
+            row = int(events.item_index[index])
+            labels[row] = max(labels.get(row, 0), int(labels_all[index]))
+        requests.append(
+            ReplayedRequest(
+                user_id=user_id,
+                context=RequestContext(
+                    timestamp=moment, device=str(events.device[user_events[-1]]), session_rows=np.zeros(0, np.int32)
+                ),
+                labels=labels,
+                holdout=(zlib.crc32(user_id.encode()) % 1000) < settings.holdout_users * 1000,
             )
         )
     return requests
@@ -218,15 +258,31 @@ def train_ranker_artifact(
     cutoff: int | None = None,
 ) -> Artifact:
     started = time.perf_counter()
-    cutoff = cutoff if cutoff is not None else label_cutoff(dataset, settings)
-    requests = replay_requests(dataset, cutoff, settings)
-    histories = UserHistoryStore(dataset.events, dataset.users.user_ids)
-    stats = item_stats(dataset.events, len(items), cutoff)
+    labels_mask = label_mask(dataset, settings, cutoff)
+    if not labels_mask.any() or labels_mask.all():
+        raise ValueError(f"the label split leaves {int(labels_mask.sum())} of {len(labels_mask)} events as labels")
+    requests = replay_requests(dataset, labels_mask, settings)
+    # Item statistics only from history events, as the index the candidates come from.
+    history_events = dataset.events.select(~labels_mask)
+    # Time splits cut each history at the request; a random split must drop the label
+    # events themselves, since the request comes after all of them.
+    histories = UserHistoryStore(
+        history_events if settings.label_split == "random" and cutoff is None else dataset.events,
+        dataset.users.user_ids,
+    )
+    stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, settings)
     # Training must see real retrieval answers: a silent popular-items fallback would poison it.
     serving_for_training = serving.model_copy(update={"candidates": settings.candidates, "fallback_to_popular": False})
     candidate_stage = CandidateStage(items, items.row_of(), stats.popular_rows, retrieval, serving_for_training)
     builder = FeatureBuilder(items, stats)
-    event(log, "replaying requests", requests=len(requests), cutoff=cutoff, candidates=settings.candidates)
+    event(
+        log,
+        "replaying requests",
+        requests=len(requests),
+        label_split="cutoff" if cutoff is not None else settings.label_split,
+        label_events=int(labels_mask.sum()),
+        candidates=settings.candidates,
+    )
     train = assemble([r for r in requests if not r.holdout], histories, candidate_stage, builder, "train requests")
     holdout = assemble([r for r in requests if r.holdout], histories, candidate_stage, builder, "holdout requests")
     if len(train.labels) < 20:
@@ -250,6 +306,7 @@ def train_ranker_artifact(
     params = {
         "dataset": dataset.name,
         "cutoff": cutoff,
+        "label_events": int(labels_mask.sum()),
         "ranker_build": settings.model_dump(),
         "lightgbm": lgb_params,
         "feature_importance_gain": importance,

@@ -110,7 +110,7 @@ def build_index_artifacts(
 
     event(log, "embedding item texts", items=n_items, model=embedder.model_id)
     content = embedder.encode(catalog.embedding_texts(), show_progress=True)
-    collaborative = fit_collaborative(events, n_users, n_items, settings)
+    collaborative, tuning = fit_collaborative(events, n_users, n_items, settings)
     fused = fuse(content, collaborative.item_factors, settings)
     stored_vectors = fused.astype(np.float16)
     queries = user_queries(events, stored_vectors.astype(np.float32), content.shape[1], n_users, cutoff, settings)
@@ -138,6 +138,7 @@ def build_index_artifacts(
         "content_dim": int(content.shape[1]),
         "collaborative_dim": int(collaborative.item_factors.shape[1]),
         "build": settings.model_dump(),
+        "collaborative_tuning": tuning.describe() if tuning else None,
     }
     artifacts = []
     for shard in range(shards):

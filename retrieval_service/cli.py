@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from shared.cli import Command, CommandRegistry, add_server_arguments, server_overrides
+from shared.cli import Command, CommandRegistry, add_label_split_argument, add_server_arguments, server_overrides
 
 
 def _configure_build(parser: argparse.ArgumentParser) -> None:
@@ -13,6 +14,12 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/<name>/<version>/")
     parser.add_argument("--name", default="index", help="artifact name (default: index)")
     parser.add_argument("--cutoff", type=int, default=None, help="use only events before this unix time")
+    parser.add_argument(
+        "--without-ranker-labels",
+        action="store_true",
+        help="leave out the events the ranker learns to predict (see --label-split): the training index",
+    )
+    add_label_split_argument(parser)
     parser.add_argument(
         "--content-weight", type=float, default=None, help="weight of the text half (0: collaborative only)"
     )
@@ -32,15 +39,21 @@ def _run_build(args: argparse.Namespace) -> int:
     from shared.config import load_settings
     from shared.data import load_dataset
     from shared.embeddings import cached_text_embedder
+    from shared.interactions import ranker_label_mask
 
     settings = load_settings(
+        ranker_build={"label_split": args.label_split},
         index_build={
             "content_weight": args.content_weight,
             "collaborative_weight": args.collaborative_weight,
             "shards": args.shards,
-        }
+        },
     )
     dataset = load_dataset(args.data)
+    if args.without_ranker_labels:
+        build = settings.ranker_build
+        labels = ranker_label_mask(dataset.events, build.label_split, build.label_window, build.seed)
+        dataset = dataclasses.replace(dataset, events=dataset.events.select(~labels))
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     for artifact in build_index_artifacts(
         dataset, embedder, args.out, settings.index_build, args.name, args.cutoff, settings.index_build.shards

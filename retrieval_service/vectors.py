@@ -1,15 +1,18 @@
 """Item vectors: collaborative factors from interactions, fused with text embeddings.
 
-The fused vector of an item is ``[w_c * content, w_cf * collaborative]`` renormalised
-to unit length, so an inner product is a cosine that blends "reads alike" with "is
-bought by the same people". Items nobody interacted with keep a zero collaborative
+The fused vector of an item is ``[w_c * unit(content), w_cf * ALS factors / scale]``;
+queries are unit length per half, so an inner product blends "reads alike" (a cosine)
+with "is bought by the same people" (an ALS score). Items nobody interacted with keep a zero collaborative
 half and are found by their text alone (cold start for new items).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +23,7 @@ from shared.config import IndexBuildSettings
 from shared.data import Events
 from shared.interactions import event_weights, recency_weights
 from shared.logs import event
+from shared.metrics import top_k_metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +48,115 @@ class CollaborativeFactors:
     user_factors: Matrix  # (n_users, factors)
 
 
-def fit_collaborative(events: Events, n_users: int, n_items: int, settings: IndexBuildSettings) -> CollaborativeFactors:
-    """Implicit-feedback ALS (the `implicit` library) on the confidence matrix."""
+def _fit_als(
+    matrix: sp.csr_matrix, factors: int, regularization: float, alpha: float, settings: IndexBuildSettings
+) -> tuple[Matrix, Matrix]:
+    """(user factors, item factors) of implicit's ALS on a confidence matrix."""
     from implicit.cpu.als import AlternatingLeastSquares
 
-    matrix = interaction_matrix(events, n_users, n_items)
     # implicit asks for single-threaded BLAS (checked when the model is created):
     # its own threads do the parallel work.
     with threadpool_limits(limits=1, user_api="blas"):
         model = AlternatingLeastSquares(
-            factors=settings.als_factors,
-            regularization=settings.als_regularization,
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
             iterations=settings.als_iterations,
             random_state=settings.seed,
             calculate_training_loss=False,
         )
         model.fit(matrix, show_progress=False)
-    item_factors = np.asarray(model.item_factors, dtype=np.float32)
-    user_factors = np.asarray(model.user_factors, dtype=np.float32)
+    return np.asarray(model.user_factors, dtype=np.float32), np.asarray(model.item_factors, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class CollaborativeTuning:
+    """What the grid search chose, and every trial's validation recall (for the manifest)."""
+
+    factors: int
+    regularization: float
+    alpha: float
+    recall: float
+    trials: list[dict[str, float]]
+    seconds: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+            "validation_recall": round(self.recall, 4),
+            "trials": self.trials,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _validation_split(matrix: sp.csr_matrix, share: float, seed: int) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Hold out ``share`` of each user's interactions (users with at least 3 keep 2 or more)."""
+    coo = matrix.tocoo()
+    rng = np.random.default_rng(seed)
+    held = rng.random(coo.nnz) < share
+    counts = np.diff(matrix.indptr)
+    held &= counts[coo.row] >= 3
+
+    def part(mask: npt.NDArray[np.bool_]) -> sp.csr_matrix:
+        return sp.csr_matrix((coo.data[mask], (coo.row[mask], coo.col[mask])), shape=matrix.shape)
+
+    return part(~held), part(held)
+
+
+def tune_collaborative(matrix: sp.csr_matrix, settings: IndexBuildSettings) -> CollaborativeTuning | None:
+    """Grid-search factors, regularisation and alpha on a validation split of ``matrix``.
+
+    Candidates are what retrieval is for, so the score is the recall@N of held-out
+    interactions among each user's top N unseen items. None when tuning is off, the
+    index has no collaborative half, or the data is too small to say anything.
+    """
+    tuning = settings.als_tuning
+    if not tuning.enabled or settings.collaborative_weight == 0 or matrix.nnz < tuning.min_interactions:
+        return None
+    started = time.perf_counter()
+    train, held_out = _validation_split(matrix, tuning.validation_share, settings.seed)
+    users = np.flatnonzero(np.diff(held_out.indptr) > 0)
+    if len(users) > tuning.max_users:
+        users = np.sort(np.random.default_rng(settings.seed).choice(users, tuning.max_users, replace=False))
+    relevant = [held_out.indices[held_out.indptr[u] : held_out.indptr[u + 1]] for u in users]
+    n = min(tuning.recall_at, matrix.shape[1])
+    trials: list[dict[str, float]] = []
+    for factors, regularization, alpha in itertools.product(tuning.factors, tuning.regularization, tuning.alpha):
+        user_factors, item_factors = _fit_als(train, factors, regularization, alpha, settings)
+        scores = user_factors[users] @ item_factors.T
+        seen = train[users]
+        scores[seen.nonzero()] = -np.inf
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]
+        recall = top_k_metrics(list(top), relevant, n, matrix.shape[1])[f"recall@{n}"]
+        trials.append(
+            {"factors": factors, "regularization": regularization, "alpha": alpha, "recall": round(recall, 4)}
+        )
+    best = max(trials, key=lambda trial: trial["recall"])
+    result = CollaborativeTuning(
+        factors=int(best["factors"]),
+        regularization=float(best["regularization"]),
+        alpha=float(best["alpha"]),
+        recall=float(best["recall"]),
+        trials=trials,
+        seconds=time.perf_counter() - started,
+    )
+    event(log, "collaborative settings tuned", **{k: v for k, v in result.describe().items() if k != "trials"})
+    return result
+
+
+def fit_collaborative(
+    events: Events, n_users: int, n_items: int, settings: IndexBuildSettings
+) -> tuple[CollaborativeFactors, CollaborativeTuning | None]:
+    """Implicit-feedback ALS (the `implicit` library) on the confidence matrix, with the
+    settings tuned on a validation split first when ``settings.als_tuning`` says so."""
+    matrix = interaction_matrix(events, n_users, n_items)
+    tuned = tune_collaborative(matrix, settings)
+    factors = tuned.factors if tuned else settings.als_factors
+    regularization = tuned.regularization if tuned else settings.als_regularization
+    alpha = tuned.alpha if tuned else settings.als_alpha
+    user_factors, item_factors = _fit_als(matrix, factors, regularization, alpha, settings)
     seen_items = np.zeros(n_items, dtype=bool)
     seen_items[matrix.indices] = True
     item_factors[~seen_items] = 0.0
@@ -71,9 +166,11 @@ def fit_collaborative(events: Events, n_users: int, n_items: int, settings: Inde
         users=n_users,
         items=n_items,
         items_with_interactions=int(seen_items.sum()),
-        factors=settings.als_factors,
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
     )
-    return CollaborativeFactors(item_factors=item_factors, user_factors=user_factors)
+    return CollaborativeFactors(item_factors=item_factors, user_factors=user_factors), tuned
 
 
 def normalise_rows(matrix: npt.NDArray[np.floating]) -> Matrix:

@@ -59,6 +59,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, artifact_hint: str) ->
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: a free one)")
 
 
+def add_label_split_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--label-split",
+        choices=("global", "per_user", "random"),
+        default=None,
+        help="which events the ranker learns to predict (default: ranker_build.label_split; see docs/evaluation.md)",
+    )
+
+
 def server_overrides(args: argparse.Namespace) -> dict[str, object]:
     return {"artifacts": args.artifacts, "host": args.host, "port": args.port, "metrics_port": args.metrics_port}
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from shared.cli import Command, CommandRegistry
+from shared.cli import Command, CommandRegistry, add_label_split_argument
 
 SERVER_START_TIMEOUT_S = 180.0
 SERVER_STOP_TIMEOUT_S = 30.0
@@ -95,23 +95,23 @@ def run_step(*argv: str) -> None:
         raise RuntimeError(f"vitrine {' '.join(argv)} failed with exit code {code}")
 
 
-def run_build(data: Path, out: Path) -> None:
-    """Training index (before the label cutoff) -> ranker trained against it -> serving index.
+def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
+    """Training index (without the ranker's label events) -> ranker trained against it -> serving index.
 
-    Only the serving index is split into ``index_build.shards`` shards: the training index
-    lives for one step on this machine, and the merged answers of shards are the whole
-    index's answers, so the ranker learns on what sharded serving returns.
+    ``label_split`` overrides ``ranker_build.label_split`` for both steps. Only the serving
+    index is split into ``index_build.shards`` shards: the training index lives for one
+    step on this machine, and the merged answers of shards are the whole index's answers,
+    so the ranker learns on what sharded serving returns.
     """
     from shared.config import load_settings
-    from shared.data import load_dataset
 
     settings = load_settings()
-    dataset = load_dataset(data)
-    cutoff = dataset.events.time_at(1.0 - settings.ranker_build.label_window)
-    print(f"[1/3] training index from events before {cutoff}", flush=True)
+    split = label_split or settings.ranker_build.label_split
+    split_flag = ("--label-split", split)
+    print(f"[1/3] training index without the ranker's label events ({split} split)", flush=True)
     run_step(
-        "build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--cutoff", str(cutoff),
-        "--shards", "1",
+        "build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--without-ranker-labels",
+        *split_flag, "--shards", "1",
     )  # fmt: skip
     print("[2/3] ranker trained on candidates from a retrieval server over that index", flush=True)
     run_dir = out / "logs"
@@ -124,15 +124,7 @@ def run_build(data: Path, out: Path) -> None:
         run_dir / "retrieval-train.log",
     ) as port:
         run_step(
-            "train-ranker",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--retrieval",
-            f"127.0.0.1:{port}",
-            "--cutoff",
-            str(cutoff),
+            "train-ranker", "--data", str(data), "--out", str(out), "--retrieval", f"127.0.0.1:{port}", *split_flag
         )
     shards = settings.index_build.shards
     print(f"[3/3] serving index from all events{f' in {shards} shards' if shards > 1 else ''}", flush=True)
@@ -142,11 +134,12 @@ def run_build(data: Path, out: Path) -> None:
 def _configure_build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset directory")
     parser.add_argument("--out", type=Path, required=True, help="artifact root")
+    add_label_split_argument(parser)
 
 
 def _run_build(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    run_build(args.data, args.out)
+    run_build(args.data, args.out, args.label_split)
     print(f"artifacts in {args.out} after {time.perf_counter() - started:.0f}s")
     return 0
 

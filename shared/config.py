@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -34,6 +34,27 @@ class EmbeddingSettings(BaseModel):
     threads: int = Field(2, ge=1, le=64)
 
 
+class CollaborativeTuningSettings(BaseModel):
+    """Grid search of the ALS settings on a validation split carved from the build's events.
+
+    The setting with the best recall@``recall_at`` of held-out interactions wins and is
+    recorded in the index manifest; the final model is then fitted on all events.
+    """
+
+    enabled: bool = True
+    factors: list[Annotated[int, Field(ge=2, le=1024)]] = Field(default_factory=lambda: [32, 64, 128], min_length=1)
+    regularization: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [1.0, 10.0, 50.0, 200.0], min_length=1
+    )
+    alpha: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [1.0, 5.0, 20.0], min_length=1)
+    validation_share: float = Field(0.2, gt=0, lt=1)
+    recall_at: int = Field(100, ge=1)
+    # Users scored per trial: bounds tuning time on big catalogues.
+    max_users: int = Field(5000, ge=10)
+    # Below this many interactions there is too little to tune on: the defaults are kept.
+    min_interactions: int = Field(1000, ge=1)
+
+
 class IndexBuildSettings(BaseModel):
     """How the retrieval artifact is built; chosen values are recorded in its manifest."""
 
@@ -43,6 +64,9 @@ class IndexBuildSettings(BaseModel):
     als_factors: int = Field(64, ge=2, le=1024)
     als_iterations: int = Field(15, ge=1, le=200)
     als_regularization: float = Field(0.05, ge=0)
+    # Confidence scale of the interaction matrix (Hu, Koren & Volinsky's alpha).
+    als_alpha: float = Field(1.0, gt=0)
+    als_tuning: CollaborativeTuningSettings = CollaborativeTuningSettings()
     # 0: choose nlist / PQ sub-quantisers from the catalogue size.
     nlist: int = Field(0, ge=0)
     pq_m: int = Field(0, ge=0)
@@ -63,10 +87,24 @@ class IndexBuildSettings(BaseModel):
 
 
 class RankerBuildSettings(BaseModel):
-    candidates: int = Field(200, ge=10, le=5000)
-    # Share of the event time span used to label the ranker (the most recent part).
+    # As many as serving asks for (ranking.candidates), so ranks and scores look alike.
+    candidates: int = Field(300, ge=10, le=5000)
+    # Which events become ranker labels (the rest is history and trains the index the
+    # ranker learns against; see ranking_service/training.py):
+    # "global": events after one time cutoff, label_window of the way from the end;
+    # "per_user": each user's newest label_window share of their own events;
+    # "random": a random label_window share of each user's events, the request placed
+    # after all of them (the ranker learns to fill gaps, not to predict the future: the
+    # task of a random-split offline evaluation, see docs/evaluation.md).
+    label_split: Literal["global", "per_user", "random"] = "global"
     label_window: float = Field(0.2, gt=0, lt=1)
     holdout_users: float = Field(0.2, gt=0, lt=1)
+    # Co-interaction features (items the same users touched): each user's newest
+    # co_interaction_history items count, each item keeps its co_interaction_neighbours
+    # most similar items; cosine similarity shrunk by co_interaction_shrink.
+    co_interaction_history: int = Field(50, ge=1)
+    co_interaction_neighbours: int = Field(100, ge=1)
+    co_interaction_shrink: float = Field(10.0, ge=0)
     num_trees: int = Field(300, ge=1)
     num_leaves: int = Field(31, ge=2)
     learning_rate: float = Field(0.05, gt=0)
@@ -201,19 +239,20 @@ def load_settings(**overrides: Any) -> VitrineSettings:
         base = VitrineSettings()
         if not overrides:
             return base
-        merged = _deep_merge(base.model_dump(), overrides)
+        merged = deep_merge(base.model_dump(), overrides)
         return VitrineSettings.model_validate(merged)
     except ValidationError as err:
         raise SettingsError(f"invalid Vitrine settings:\n{err}") from err
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` on top of ``base``, nested dicts merged key by key; None values leave ``base`` as it is."""
     merged = dict(base)
     for key, value in override.items():
         if value is None:
             continue
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

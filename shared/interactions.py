@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from shared.data import CART, PURCHASE, VIEW
+from shared.data import CART, PURCHASE, VIEW, Events
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -41,3 +41,30 @@ def recency_weights(
     age_days = np.maximum(now - timestamp, 0) / SECONDS_PER_DAY
     decay = np.power(0.5, age_days / half_life_days)
     return (event_weights(event_code) * decay).astype(np.float32)
+
+
+def ranker_label_mask(events: Events, split: str, window: float, seed: int = 7) -> npt.NDArray[np.bool_]:
+    """The events a ranker learns to predict; every other event is its history.
+
+    ``global``: the events in the last ``window`` of the time range (one cutoff for all).
+    ``per_user``: each user's newest ``round(window * n)`` events (at least one, and
+    at least one left as history); users with a single event give no label.
+    ``random``: the same number of each user's events, drawn at random (``seed``).
+    """
+    if split == "global":
+        return np.asarray(events.timestamp >= events.time_at(1.0 - window))
+    if split not in ("per_user", "random"):
+        raise ValueError(f"unknown label split {split!r}; use 'global', 'per_user' or 'random'")
+    if split == "per_user":
+        order = np.lexsort((events.timestamp, events.user_index))
+    else:
+        order = np.lexsort((np.random.default_rng(seed).random(len(events)), events.user_index))
+    users = events.user_index[order]
+    counts = np.bincount(users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    position = np.arange(len(order)) - starts[users]  # per_user: 0 = the user's oldest event
+    n = counts[users]
+    labels_per_user = np.clip(np.rint(window * n), 1, np.maximum(n - 1, 0))
+    mask = np.zeros(len(events), dtype=bool)
+    mask[order] = position >= n - labels_per_user
+    return mask

@@ -7,6 +7,7 @@ sentence-transformers; ``test_end_to_end.py`` runs the real CLI with the real mo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,12 @@ from shared.datagen import GeneratorConfig, generate
 from shared.grpc_server import RunningServer
 from shared.proto.vitrine.v1 import ranking_pb2_grpc, retrieval_pb2_grpc
 from tests.fakes import HashingEmbedder
+
+# Every build in the tests (in this process and in the commands it starts) tunes ALS on a
+# two-point grid: the tuning path runs, without the default grid's 36 fits per build.
+os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__FACTORS", "[16]")
+os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__REGULARIZATION", "[1.0, 10.0]")
+os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__ALPHA", "[1.0]")
 
 TEST_DATA = GeneratorConfig(seed=11, n_items=2000, n_users=800, n_events=60_000)
 

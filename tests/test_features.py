@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureBuilder, RequestContext
-from ranking_service.store import UserHistoryStore, item_stats, item_table
-from ranking_service.training import replay_requests
-from shared.config import VitrineSettings
-from shared.data import Dataset
+from ranking_service.store import UserHistoryStore, co_interactions, item_stats, item_table
+from ranking_service.training import label_mask, replay_requests
+from shared.config import RankerBuildSettings, VitrineSettings
+from shared.data import Dataset, Events
 from tests.conftest import BuiltArtifacts
 from tests.fakes import HashingEmbedder
 
@@ -16,7 +17,7 @@ from tests.fakes import HashingEmbedder
 def _builder(dataset: Dataset, embedder: HashingEmbedder, as_of: int, events_upto: int | None = None) -> FeatureBuilder:
     events = dataset.events if events_upto is None else dataset.events.before(events_upto)
     items = item_table(dataset, embedder.encode(dataset.catalog.embedding_texts()))
-    return FeatureBuilder(items, item_stats(events, len(items), as_of))
+    return FeatureBuilder(items, item_stats(events, len(items), as_of, RankerBuildSettings()))
 
 
 def test_at_least_thirty_named_features() -> None:
@@ -28,7 +29,9 @@ def test_features_are_computed_as_of_the_request_time(
     dataset: Dataset, embedder: HashingEmbedder, artifacts: BuiltArtifacts, settings: VitrineSettings
 ) -> None:
     """Features from the full event log equal features from a log cut at the request: no leakage."""
-    requests = replay_requests(dataset, artifacts.cutoff, settings.ranker_build)[:40]
+    requests = replay_requests(
+        dataset, label_mask(dataset, settings.ranker_build, artifacts.cutoff), settings.ranker_build
+    )[:40]
     full_store = UserHistoryStore(dataset.events, dataset.users.user_ids)
     with_future = _builder(dataset, embedder, artifacts.cutoff)
     without_future = _builder(dataset, embedder, artifacts.cutoff, events_upto=artifacts.cutoff)
@@ -81,3 +84,44 @@ def test_empty_history_gives_neutral_user_features(dataset: Dataset, embedder: H
     assert np.all(values[:, FEATURE_INDEX["user_category_affinity"]] == 0)
     assert np.all(values[:, FEATURE_INDEX["retrieval_from_popular"]] == 1)
     assert np.all(np.isfinite(values))
+
+
+def _events(rows: list[tuple[int, int, int]]) -> Events:
+    """(user, item, timestamp) triples as view events."""
+    users, items, times = (np.asarray(column) for column in zip(*rows, strict=True))
+    n = len(rows)
+    return Events(
+        user_index=users.astype(np.int32),
+        item_index=items.astype(np.int32),
+        event_code=np.zeros(n, np.int8),
+        timestamp=times.astype(np.int64),
+        device=np.full(n, "web"),
+        session_id=np.full(n, "s"),
+    )
+
+
+def test_co_interactions_are_shrunk_cosines_of_shared_users() -> None:
+    # Items 0 (touched by users 0, 1, 2), 1 (users 0, 1), 2 (user 2); user 1 touches item 1 twice.
+    events = _events([(0, 0, 1), (0, 1, 2), (1, 0, 3), (1, 1, 4), (1, 1, 5), (2, 0, 6), (2, 2, 7)])
+    similarity = co_interactions(events, 4, RankerBuildSettings(co_interaction_shrink=0.0)).toarray()
+    assert similarity[0, 1] == pytest.approx(2 / np.sqrt(3 * 2))
+    assert similarity[0, 2] == pytest.approx(1 / np.sqrt(3 * 1))
+    assert similarity[1, 2] == 0.0
+    assert np.all(np.diag(similarity) == 0)
+    assert np.all(similarity[3] == 0)  # never touched
+    np.testing.assert_allclose(similarity, similarity.T, rtol=1e-6)
+    # Shrinkage lowers rare pairs more; each item keeps only its best neighbours.
+    shrunk = co_interactions(events, 4, RankerBuildSettings(co_interaction_shrink=1.0)).toarray()
+    assert shrunk[0, 1] == pytest.approx(2 / (np.sqrt(6) + 1))
+    top_one = co_interactions(events, 4, RankerBuildSettings(co_interaction_neighbours=1)).toarray()
+    assert np.count_nonzero(top_one[0]) == 1
+    assert top_one[0].argmax() == 1
+
+
+def test_co_interactions_count_only_each_users_newest_items() -> None:
+    # User 0 touched items 0, 1, 2 in that order; with a history of 2, item 0 is forgotten.
+    events = _events([(0, 0, 1), (0, 1, 2), (0, 2, 3)])
+    similarity = co_interactions(events, 3, RankerBuildSettings(co_interaction_history=2)).toarray()
+    assert similarity[1, 2] > 0
+    assert similarity[0, 1] == 0.0
+    assert similarity[0, 2] == 0.0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from ranking_service.training import replay_requests
+from ranking_service.training import label_mask, replay_requests
 from shared.config import VitrineSettings
 from shared.data import Dataset
+from shared.interactions import ranker_label_mask
 from tests.conftest import BuiltArtifacts
 
 # Asserted floor for the ranker's NDCG@10 lift over retrieval order on held-out users.
@@ -24,7 +26,9 @@ def test_ranker_beats_retrieval_order_on_held_out_users(artifacts: BuiltArtifact
 def test_replayed_requests_split_by_time(
     dataset: Dataset, artifacts: BuiltArtifacts, settings: VitrineSettings
 ) -> None:
-    requests = replay_requests(dataset, artifacts.cutoff, settings.ranker_build)
+    requests = replay_requests(
+        dataset, label_mask(dataset, settings.ranker_build, artifacts.cutoff), settings.ranker_build
+    )
     assert requests
     assert all(request.context.timestamp >= artifacts.cutoff for request in requests)
     assert all(set(request.labels.values()) <= {1, 2, 3} for request in requests)
@@ -39,8 +43,12 @@ def test_replayed_requests_split_by_time(
 
 
 def test_replay_is_deterministic(dataset: Dataset, artifacts: BuiltArtifacts, settings: VitrineSettings) -> None:
-    first = replay_requests(dataset, artifacts.cutoff, settings.ranker_build)
-    second = replay_requests(dataset, artifacts.cutoff, settings.ranker_build)
+    first = replay_requests(
+        dataset, label_mask(dataset, settings.ranker_build, artifacts.cutoff), settings.ranker_build
+    )
+    second = replay_requests(
+        dataset, label_mask(dataset, settings.ranker_build, artifacts.cutoff), settings.ranker_build
+    )
     assert [(r.user_id, r.context.timestamp, r.labels) for r in first] == [
         (r.user_id, r.context.timestamp, r.labels) for r in second
     ]
@@ -52,3 +60,45 @@ def test_manifest_records_parameters_and_importance(artifacts: BuiltArtifacts) -
     assert params["cutoff"] == artifacts.cutoff
     assert len(params["feature_importance_gain"]) >= 30
     assert sum(params["feature_importance_gain"].values()) > 0
+
+
+def test_per_user_label_split_keeps_each_users_newest_events(dataset: Dataset) -> None:
+    events = dataset.events
+    mask = ranker_label_mask(events, "per_user", 0.25)
+    for user in np.unique(events.user_index)[:50]:
+        mine = events.user_index == user
+        n = int(mine.sum())
+        labels = mask[mine]
+        expected = 0 if n < 2 else int(np.clip(np.rint(0.25 * n), 1, n - 1))
+        assert int(labels.sum()) == expected
+        if expected:  # every label is at least as new as every history event of the user
+            assert events.timestamp[mine][labels].min() >= events.timestamp[mine][~labels].max()
+
+
+def test_global_label_split_is_one_cutoff(dataset: Dataset) -> None:
+    mask = ranker_label_mask(dataset.events, "global", 0.2)
+    cutoff = dataset.events.time_at(0.8)
+    assert np.array_equal(mask, dataset.events.timestamp >= cutoff)
+    with pytest.raises(ValueError, match="unknown label split"):
+        ranker_label_mask(dataset.events, "sideways", 0.2)
+
+
+def test_random_label_split_draws_the_same_number_of_events_anywhere_in_time(dataset: Dataset) -> None:
+    events = dataset.events
+    newest = ranker_label_mask(events, "per_user", 0.25)
+    drawn = ranker_label_mask(events, "random", 0.25, seed=3)
+    assert np.array_equal(np.bincount(events.user_index[drawn]), np.bincount(events.user_index[newest]))
+    assert not np.array_equal(drawn, newest)
+    assert np.array_equal(drawn, ranker_label_mask(events, "random", 0.25, seed=3))  # reproducible
+
+
+def test_random_label_split_replays_one_request_after_everything(dataset: Dataset, settings: VitrineSettings) -> None:
+    build = settings.ranker_build.model_copy(update={"label_split": "random"})
+    mask = label_mask(dataset, build)
+    requests = replay_requests(dataset, mask, build)
+    events = dataset.events
+    assert len({request.user_id for request in requests}) == len(requests)
+    assert all(request.context.timestamp > events.timestamp.max() for request in requests)
+    first = requests[0]
+    user_row = int(np.flatnonzero(dataset.users.user_ids == first.user_id)[0])
+    assert set(first.labels) == set(events.item_index[mask & (events.user_index == user_row)].tolist())

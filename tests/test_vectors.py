@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval_service.vectors import fit_collaborative, fuse, interaction_matrix, query_vector, user_queries
+from retrieval_service.vectors import (
+    fit_collaborative,
+    fuse,
+    interaction_matrix,
+    query_vector,
+    tune_collaborative,
+    user_queries,
+)
 from shared.config import IndexBuildSettings
 from shared.data import Dataset
 from shared.interactions import recency_weights
@@ -18,8 +25,9 @@ def test_interaction_matrix_weighs_intent(dataset: Dataset) -> None:
 
 
 def test_als_factors_put_co_interacted_items_close(dataset: Dataset) -> None:
-    settings = IndexBuildSettings(als_factors=32, als_iterations=10)
-    factors = fit_collaborative(dataset.events, len(dataset.users), len(dataset.catalog), settings)
+    settings = IndexBuildSettings(als_factors=32, als_iterations=10, als_tuning={"enabled": False})
+    factors, tuning = fit_collaborative(dataset.events, len(dataset.users), len(dataset.catalog), settings)
+    assert tuning is None
     untouched = np.setdiff1d(np.arange(len(dataset.catalog)), dataset.events.item_index)
     assert np.all(factors.item_factors[untouched] == 0)
     # Items of the same category are bought by the same people: closer on average.
@@ -84,3 +92,25 @@ def test_user_queries_only_for_users_with_history(dataset: Dataset) -> None:
     np.testing.assert_allclose(norms[active], np.sqrt(2.0), rtol=1e-4)  # two unit halves
     inactive = np.setdiff1d(np.arange(len(dataset.users)), active)
     assert np.all(norms[inactive] == 0)
+
+
+def test_collaborative_tuning_scores_every_setting_and_keeps_the_best(dataset: Dataset) -> None:
+    matrix = interaction_matrix(dataset.events, len(dataset.users), len(dataset.catalog))
+    grid = {"factors": [4, 16], "regularization": [1.0, 10.0], "alpha": [1.0], "min_interactions": 1, "recall_at": 20}
+    settings = IndexBuildSettings(als_iterations=5, als_tuning=grid)
+    tuning = tune_collaborative(matrix, settings)
+    assert tuning is not None
+    assert len(tuning.trials) == 4
+    assert all(0.0 <= trial["recall"] <= 1.0 for trial in tuning.trials)
+    assert tuning.recall == max(trial["recall"] for trial in tuning.trials) > 0
+    assert (tuning.factors, tuning.regularization) in {(4, 1.0), (4, 10.0), (16, 1.0), (16, 10.0)}
+    # The manifest entry names the choice and every trial.
+    assert tuning.describe()["factors"] == tuning.factors
+    assert len(tuning.describe()["trials"]) == 4
+
+
+def test_collaborative_tuning_is_skipped_when_off_tiny_or_unused(dataset: Dataset) -> None:
+    matrix = interaction_matrix(dataset.events, len(dataset.users), len(dataset.catalog))
+    assert tune_collaborative(matrix, IndexBuildSettings(als_tuning={"enabled": False})) is None
+    assert tune_collaborative(matrix, IndexBuildSettings(als_tuning={"min_interactions": matrix.nnz + 1})) is None
+    assert tune_collaborative(matrix, IndexBuildSettings(collaborative_weight=0.0)) is None

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from shared.config import _deep_merge
+from shared.config import deep_merge
 from shared.security import ClientTlsSettings
 
 CONFIG_FILE_ENV = "VITRINE_LOADTEST_CONFIG"
@@ -257,7 +257,7 @@ def load_loadtest_settings(**overrides: Any) -> LoadTestSettings:
         base = LoadTestSettings()
         if not overrides:
             return base
-        merged = _deep_merge(base.model_dump(), overrides)
+        merged = deep_merge(base.model_dump(), overrides)
         return LoadTestSettings.model_validate(merged)
     except ValidationError as err:
         raise LoadTestSettingsError(f"invalid load-test settings:\n{err}") from err

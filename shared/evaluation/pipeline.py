@@ -56,7 +56,9 @@ def run_vitrine(split: Split, workdir: Path, k: int, max_candidates: int) -> Vit
     artifacts = workdir / "artifacts"
     save_dataset(split.train, data_dir)
     started = time.perf_counter()
-    run_build(data_dir, artifacts)
+    # The ranker learns the task the protocol poses: fill random gaps in a user's history
+    # (random) or predict what comes after a time cutoff (temporal).
+    run_build(data_dir, artifacts, label_split="random" if split.protocol == "random" else "global")
     for index_name, flags in RETRIEVAL_VARIANTS.values():
         if index_name != "index":
             run_step("build-index", "--data", str(data_dir), "--out", str(artifacts), "--name", index_name, *flags)
