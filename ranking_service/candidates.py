@@ -79,6 +79,8 @@ class CandidateStage:
             candidates=CandidateSet(
                 rows=rows.astype(np.int32),
                 retrieval_scores=(1.0 / (1.0 + np.arange(len(rows)))).astype(np.float32),
+                content_scores=np.zeros(len(rows), np.float32),
+                collaborative_scores=np.zeros(len(rows), np.float32),
                 from_popular=True,
             ),
             index_version="",
@@ -108,15 +110,16 @@ class CandidateStage:
         else:
             retrieved = self._retrieval.by_user(user_id, n, exclude_ids, timeout_s)
         # Ids this snapshot does not know (from a newer index) cannot be featurised.
-        known = [
-            (self._item_row[item_id], score)
-            for item_id, score in zip(retrieved.item_ids, retrieved.scores.tolist(), strict=True)
-            if item_id in self._item_row
-        ]
+        item_row = self._item_row
+        known = np.asarray([item_id in item_row for item_id in retrieved.item_ids], dtype=bool)
         return RetrievedSet(
             candidates=CandidateSet(
-                rows=np.asarray([row for row, _ in known], dtype=np.int32),
-                retrieval_scores=np.asarray([score for _, score in known], dtype=np.float32),
+                rows=np.asarray(
+                    [item_row[item_id] for item_id in retrieved.item_ids if item_id in item_row], dtype=np.int32
+                ),
+                retrieval_scores=retrieved.scores[known],
+                content_scores=retrieved.content_scores[known],
+                collaborative_scores=retrieved.collaborative_scores[known],
                 from_popular=retrieved.from_popular,
             ),
             index_version=retrieved.index_version,

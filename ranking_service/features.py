@@ -19,6 +19,8 @@ from shared.interactions import SECONDS_PER_DAY, event_weights
 
 FEATURE_NAMES: tuple[str, ...] = (
     "retrieval_score_relative",
+    "retrieval_content_score",
+    "retrieval_collaborative_relative",
     "retrieval_rank",
     "retrieval_from_popular",
     "item_log_popularity",
@@ -75,6 +77,9 @@ class RequestContext:
 class CandidateSet:
     rows: npt.NDArray[np.int32]
     retrieval_scores: npt.NDArray[np.float32]
+    # The text and collaborative parts of retrieval_scores (zeros for popular items).
+    content_scores: npt.NDArray[np.float32]
+    collaborative_scores: npt.NDArray[np.float32]
     from_popular: bool
 
 
@@ -113,6 +118,15 @@ class FeatureBuilder:
         scores = candidates.retrieval_scores.astype(np.float64)
         top = float(np.abs(scores).max()) if n else 0.0
         put("retrieval_score_relative", scores / top if top > 0 else scores)
+        # The text part is a weighted cosine (fixed scale); the collaborative part is an
+        # ALS-style score whose scale moves with the ALS settings, so it is relative too.
+        put("retrieval_content_score", candidates.content_scores)
+        collaborative = candidates.collaborative_scores.astype(np.float64)
+        top_collaborative = float(np.abs(collaborative).max()) if n else 0.0
+        put(
+            "retrieval_collaborative_relative",
+            collaborative / top_collaborative if top_collaborative > 0 else collaborative,
+        )
         put("retrieval_rank", np.arange(n, dtype=np.float32))
         put("retrieval_from_popular", float(candidates.from_popular))
         put("item_log_popularity", stats.log_popularity[rows])

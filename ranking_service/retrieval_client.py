@@ -54,6 +54,9 @@ Response = TypeVar("Response")
 class RetrievedCandidates:
     item_ids: list[str]
     scores: npt.NDArray[np.float32]
+    # The text and collaborative parts of each score (zeros for popular items).
+    content_scores: npt.NDArray[np.float32]
+    collaborative_scores: npt.NDArray[np.float32]
     from_popular: bool
     index_version: str
     # Sharded index: why some shards are missing from the merge ("" when none is).
@@ -109,6 +112,8 @@ def _candidates(
     return RetrievedCandidates(
         item_ids=[candidate.item_id for candidate in candidates],
         scores=np.fromiter((c.score for c in candidates), np.float32, len(candidates)),
+        content_scores=np.fromiter((c.content_score for c in candidates), np.float32, len(candidates)),
+        collaborative_scores=np.fromiter((c.collaborative_score for c in candidates), np.float32, len(candidates)),
         from_popular=bool(candidates) and candidates[0].source == SOURCE_POPULAR,
         index_version=index_version,
         partial_reason=partial_reason,

@@ -23,6 +23,9 @@ TextEncoder = Callable[[str], npt.NDArray[np.float32]]
 class Candidates:
     item_ids: list[str]
     scores: list[float]
+    # The text and collaborative parts of each score (zeros for popular items).
+    content_scores: list[float]
+    collaborative_scores: list[float]
     source: str
     index_version: str
     dimension: int
@@ -87,11 +90,27 @@ class Retriever:
         rows = [self._loaded.item_row[item_id] for item_id in item_ids if item_id in self._loaded.item_row]
         return np.asarray(rows, dtype=np.int64)
 
-    def _candidates(self, rows: npt.NDArray[np.int64], scores: list[float], source: str) -> Candidates:
+    def _candidates(
+        self,
+        rows: npt.NDArray[np.int64],
+        scores: list[float],
+        source: str,
+        query: npt.NDArray[np.float32] | None = None,
+    ) -> Candidates:
+        """Candidates for ``rows``; with the ``query`` that found them, the score's two parts."""
         loaded = self._loaded
+        if query is None:
+            content = collaborative = [0.0] * len(rows)
+        else:
+            items = loaded.index.vectors[rows].astype(np.float32)
+            split = self._content_dim
+            content = (items[:, :split] @ query[0, :split]).tolist()
+            collaborative = (items[:, split:] @ query[0, split:]).tolist()
         return Candidates(
             item_ids=loaded.item_ids[rows].tolist(),
             scores=scores,
+            content_scores=content,
+            collaborative_scores=collaborative,
             source=source,
             index_version=loaded.version,
             dimension=loaded.index.dimension,
@@ -101,7 +120,7 @@ class Retriever:
 
     def _search(self, query: npt.NDArray[np.float32], n: int, exclude: npt.NDArray[np.int64]) -> Candidates:
         rows, scores = self._loaded.index.search(query, n, exclude)
-        return self._candidates(rows, scores.tolist(), SOURCE_ANN)
+        return self._candidates(rows, scores.tolist(), SOURCE_ANN, query)
 
     def popular(self, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)

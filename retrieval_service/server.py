@@ -26,8 +26,20 @@ SERVICE_NAME = "vitrine.v1.Retrieval"
 def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
     return retrieval_pb2.RetrieveResponse(
         candidates=[
-            retrieval_pb2.Candidate(item_id=item_id, score=score, source=candidates.source)
-            for item_id, score in zip(candidates.item_ids, candidates.scores, strict=True)
+            retrieval_pb2.Candidate(
+                item_id=item_id,
+                score=score,
+                source=candidates.source,
+                content_score=content,
+                collaborative_score=collaborative,
+            )
+            for item_id, score, content, collaborative in zip(
+                candidates.item_ids,
+                candidates.scores,
+                candidates.content_scores,
+                candidates.collaborative_scores,
+                strict=True,
+            )
         ],
         index_version=candidates.index_version,
         dimension=candidates.dimension,

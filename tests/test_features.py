@@ -20,6 +20,11 @@ def _builder(dataset: Dataset, embedder: HashingEmbedder, as_of: int, events_upt
     return FeatureBuilder(items, item_stats(events, len(items), as_of, RankerBuildSettings()))
 
 
+def _candidates(rows: np.ndarray, from_popular: bool) -> CandidateSet:
+    ones = np.ones(len(rows), np.float32)
+    return CandidateSet(rows, ones, 0.5 * ones, 0.5 * ones, from_popular)
+
+
 def test_at_least_thirty_named_features() -> None:
     assert len(FEATURE_NAMES) >= 30
     assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES)
@@ -42,6 +47,8 @@ def test_features_are_computed_as_of_the_request_time(
         candidates = CandidateSet(
             rows=rng.choice(len(dataset.catalog), 50, replace=False).astype(np.int32),
             retrieval_scores=np.linspace(1, 0, 50, dtype=np.float32),
+            content_scores=np.linspace(0.5, 0, 50, dtype=np.float32),
+            collaborative_scores=np.linspace(0.5, 0, 50, dtype=np.float32),
             from_popular=False,
         )
         seen_then = with_future.build(full_store.history(request.user_id, before=moment), request.context, candidates)
@@ -59,7 +66,7 @@ def test_affinity_and_repeat_features_reflect_history(dataset: Dataset, embedder
     unseen = np.setdiff1d(np.arange(len(dataset.catalog)), history.item_rows)[:5].astype(np.int32)
     rows = np.concatenate([seen, unseen]).astype(np.int32)
     context = RequestContext(timestamp=int(dataset.events.timestamp.max()) + 1, device="ios", session_rows=seen[:2])
-    matrix = builder.build(history, context, CandidateSet(rows, np.ones(len(rows), np.float32), False))
+    matrix = builder.build(history, context, _candidates(rows, from_popular=False))
     values = matrix.values
     assert values.shape == (10, len(FEATURE_NAMES))
     assert np.all(values[:5, FEATURE_INDEX["user_item_interactions"]] >= 1)
@@ -79,7 +86,7 @@ def test_empty_history_gives_neutral_user_features(dataset: Dataset, embedder: H
     context = RequestContext(
         timestamp=int(dataset.events.timestamp.max()), device="", session_rows=np.zeros(0, np.int32)
     )
-    values = builder.build(store.history("nobody"), context, CandidateSet(rows, np.ones(10, np.float32), True)).values
+    values = builder.build(store.history("nobody"), context, _candidates(rows, from_popular=True)).values
     assert np.all(values[:, FEATURE_INDEX["user_log_events"]] == 0)
     assert np.all(values[:, FEATURE_INDEX["user_category_affinity"]] == 0)
     assert np.all(values[:, FEATURE_INDEX["retrieval_from_popular"]] == 1)

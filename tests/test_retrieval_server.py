@@ -36,6 +36,17 @@ def test_retrieve_by_user_returns_n_unique_scored_candidates(
     assert {candidate.source for candidate in response.candidates} == {"ann"}
     assert response.index_version == artifacts.index.version
     assert response.dimension > 0
+    # The text and collaborative parts are both there and add up to the score.
+    parts = np.asarray([(c.content_score, c.collaborative_score, c.score) for c in response.candidates])
+    np.testing.assert_allclose(parts[:, 0] + parts[:, 1], parts[:, 2], atol=2e-3)
+    assert np.any(parts[:, 0] != 0)
+    assert np.any(parts[:, 1] != 0)
+
+
+def test_popular_candidates_have_no_score_parts(servers: Servers) -> None:
+    response = servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(user_id="nobody-knows-me", n=5), timeout=5)
+    assert {candidate.source for candidate in response.candidates} == {"popular"}
+    assert all(c.content_score == 0 and c.collaborative_score == 0 for c in response.candidates)
 
 
 def test_retrieve_excludes_given_items(servers: Servers, dataset: Dataset) -> None:
