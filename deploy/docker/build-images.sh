@@ -123,6 +123,8 @@ if [[ ${ENGINE[0]} == podman ]]; then
     PIP_OPTIONS+=" --cert /run/vitrine-build-ca.pem"
   fi
   build_extra+=(--ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
+  # The OCI image format has no HEALTHCHECK or SHELL; keep the Dockerfile's.
+  build_extra+=(--format docker)
 elif [[ -n $PIP_CA ]]; then
   say "note: $PIP_CA (pip's CA bundle here) is not passed to a docker build; set PIP_OPTIONS if pip needs it"
 fi
@@ -139,6 +141,9 @@ for target in "${TARGETS[@]}"; do
     --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL:-}" \
     --build-arg PIP_OPTIONS="$PIP_OPTIONS" \
     "${build_extra[@]}" "$ROOT"
-  say "built $image in $((SECONDS - started)) s"
+  # The image must start as its own (non-root) user: the CLI answers.
+  "${ENGINE[@]}" run --rm --network none --read-only --entrypoint vitrine "$image" --help >/dev/null \
+    || die "$image was built but does not run 'vitrine --help' as its user"
+  say "built $image in $((SECONDS - started)) s; 'vitrine --help' runs in it"
 done
 "${ENGINE[@]}" images --filter reference='vitrine-*' --filter reference='localhost/vitrine-*'

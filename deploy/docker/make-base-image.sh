@@ -30,6 +30,8 @@ fi
 
 rootfs=$(mktemp -d /var/tmp/vitrine-rootfs.XXXXXX)
 trap 'rm -rf "$rootfs"' EXIT
+# mktemp makes the directory 0700; it becomes the image's `/`, which every user must traverse.
+chmod 0755 "$rootfs"
 
 echo "debootstrap $SUITE ($PACKAGES) from $MIRROR into $rootfs"
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR"
