@@ -142,7 +142,7 @@ for target in "${TARGETS[@]}"; do
     --build-arg PIP_OPTIONS="$PIP_OPTIONS" \
     "${build_extra[@]}" "$ROOT"
   # The image must start as its own (non-root) user: the CLI answers.
-  "${ENGINE[@]}" run --rm --network none --read-only --entrypoint vitrine "$image" --help >/dev/null \
+  "${ENGINE[@]}" run --rm --no-healthcheck --network none --read-only --entrypoint vitrine "$image" --help >/dev/null \
     || die "$image was built but does not run 'vitrine --help' as its user"
   say "built $image in $((SECONDS - started)) s; 'vitrine --help' runs in it"
 done
