@@ -15,7 +15,7 @@ WORKDIR ?= var/demo
 DATA_DIR ?= ../shared/data
 EVAL_OUT ?= var/eval
 
-.PHONY: install tools protos demo test eval loadtest lint typecheck clean
+.PHONY: install tools protos demo test eval loadtest lint typecheck image manifests clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -68,6 +68,21 @@ loadtest: install
 
 test: install tools
 	$(PY) -m pytest -q
+
+# Both container images (deploy/docker/Dockerfile, targets retrieval and ranking) with
+# podman or docker; fails naming what is missing when neither can build. Not part of
+# `make test` (slow; needs an engine); the Dockerfile is linted there. See docs/deploy.md.
+image:
+	deploy/docker/build-images.sh
+
+# Render every Kustomize overlay into var/k8s/<overlay>.yaml (what `kubectl apply -k` applies).
+manifests:
+	@mkdir -p var/k8s
+	@for overlay in deploy/k8s/overlays/*/; do \
+		name=$$(basename $$overlay); \
+		kubectl kustomize $$overlay > var/k8s/$$name.yaml || exit 1; \
+		echo "var/k8s/$$name.yaml"; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -76,7 +76,7 @@ class IndexBuildSettings(BaseModel):
     seed: int = 7
     # Split the serving index into this many shards by a stable hash of the item id (users
     # by their id): one artifact per shard, <name>-shard-<i>-of-<shards>, all with the same
-    # version and the same vector space. 1: one whole index (see deploy/README.md).
+    # version and the same vector space. 1: one whole index (see docs/deploy.md "Sharding").
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
 
     @model_validator(mode="after")

@@ -17,22 +17,26 @@ import yaml
 
 from ranking_service.server import SERVICE_NAME as RANKING_SERVICE
 from retrieval_service.server import SERVICE_NAME as RETRIEVAL_SERVICE
+from retrieval_service.shards import shard_artifact_name
 from shared.artifacts import current_version
 from shared.cli import load_registry
 from shared.commands import vitrine_command
-from shared.config import load_settings
+from shared.config import VitrineSettings, load_settings
 from tests.conftest import BuiltArtifacts, Servers
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("dev", "prod")
+# Every overlay an operator may apply: the unsharded dev and prod, and prod over a sharded index.
+OVERLAYS = ("dev", "prod", "prod-sharded")
 BIN = Path(sys.executable).parent
 CHECKOV = ROOT / ".venv-tools" / "bin" / "checkov"
-SERVICES = {"vitrine-retrieval": ("retrieval", RETRIEVAL_SERVICE), "vitrine-ranking": ("ranking", RANKING_SERVICE)}
+# app.kubernetes.io/component of each workload -> settings section and gRPC service name.
+COMPONENTS = {"retrieval": ("retrieval", RETRIEVAL_SERVICE), "ranking": ("ranking", RANKING_SERVICE)}
+DNS_SCHEME = "dns:///"
 
 
-def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False)
+def _run(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300, check=False, env=env)
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -50,6 +54,54 @@ def _objects(path: Path) -> list[dict[str, Any]]:
 
 def _by_kind(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {obj["metadata"]["name"]: obj for obj in objects if obj["kind"] == kind}
+
+
+def _workloads(objects: list[dict[str, Any]], component: str) -> dict[str, dict[str, Any]]:
+    """The Deployments of one component (retrieval: one per shard), by name."""
+    return {
+        name: deployment
+        for name, deployment in _by_kind(objects, "Deployment").items()
+        if deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    }
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def _pods_selected(objects: list[dict[str, Any]], selector: dict[str, str]) -> set[str]:
+    """Names of the Deployments whose pods ``selector`` (matchLabels) selects."""
+    return {
+        name
+        for name, deployment in _by_kind(objects, "Deployment").items()
+        if _selects(selector, deployment["spec"]["template"]["metadata"]["labels"])
+    }
+
+
+def _config_file(objects: list[dict[str, Any]], tmp_path: Path) -> Path:
+    config = tmp_path / "vitrine.yaml"
+    config.write_text(_by_kind(objects, "ConfigMap")["vitrine-config"]["data"]["vitrine.yaml"])
+    return config
+
+
+def _settings_of(deployment: dict[str, Any], config: Path) -> VitrineSettings:
+    """The settings the container of ``deployment`` starts with: the ConfigMap file plus its env."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in os.environ:
+            if name.startswith("VITRINE_"):
+                patch.delenv(name)
+        patch.setenv("VITRINE_CONFIG", str(config))
+        for variable in deployment["spec"]["template"]["spec"]["containers"][0].get("env", []):
+            if variable["name"].startswith("VITRINE_") and variable["name"] != "VITRINE_CONFIG":
+                # Secrets are injected at run time; any well-formed token stands in for them.
+                patch.setenv(variable["name"], variable.get("value", "secret-from-kubernetes-0123456789"))
+        return load_settings()
+
+
+def _host_port(target: str) -> tuple[str, int]:
+    """``dns:///name:port`` (or ``name:port``) -> (name, port)."""
+    host, _, port = target.removeprefix(DNS_SCHEME).rpartition(":")
+    return host, int(port)
 
 
 def test_manifests_pass_the_kubernetes_schemas_strictly(rendered: tuple[str, Path]) -> None:
@@ -74,75 +126,132 @@ def test_dockerfile_passes_hadolint() -> None:
 
 
 def test_the_expected_objects_exist(rendered: tuple[str, Path]) -> None:
-    objects = _objects(rendered[1])
-    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"):
-        assert set(_by_kind(objects, kind)) == set(SERVICES), kind
+    """Each replica set (ranking; retrieval, or each retrieval shard) has its Service, HPA and PDB."""
+    overlay, path = rendered
+    objects = _objects(path)
+    retrieval = _workloads(objects, "retrieval")
+    ranking = _workloads(objects, "ranking")
+    assert set(ranking) == {"vitrine-ranking"}
+    if overlay.endswith("sharded"):
+        assert set(retrieval) == {f"vitrine-retrieval-shard-{shard}" for shard in range(len(retrieval))}
+        assert len(retrieval) > 1
+    else:
+        assert set(retrieval) == {"vitrine-retrieval"}
+    for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+        assert set(_by_kind(objects, kind)) == set(retrieval) | set(ranking), kind
+    assert set(_by_kind(objects, "NetworkPolicy")) == {"vitrine-retrieval", "vitrine-ranking"}
     assert "vitrine-config" in _by_kind(objects, "ConfigMap")
-    assert _by_kind(objects, "Service")["vitrine-retrieval"]["spec"]["clusterIP"] == "None"  # headless
+    for name in retrieval:
+        assert _by_kind(objects, "Service")[name]["spec"]["clusterIP"] == "None"  # headless
     assert _by_kind(objects, "Service")["vitrine-ranking"]["spec"]["type"] == "ClusterIP"
 
 
-def _config_file(objects: list[dict[str, Any]], tmp_path: Path) -> Path:
-    config = tmp_path / "vitrine.yaml"
-    config.write_text(_by_kind(objects, "ConfigMap")["vitrine-config"]["data"]["vitrine.yaml"])
-    return config
+def test_each_replica_set_is_scaled_and_protected_on_its_own(rendered: tuple[str, Path]) -> None:
+    """Service, PDB and spread select exactly one Deployment's pods; the HPA scales that one.
 
-
-def test_configmap_and_env_are_valid_settings(
-    rendered: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    With shards this is what keeps a node drain or a scale-down from taking the last
+    replica of one shard while the others have plenty.
+    """
     objects = _objects(rendered[1])
-    monkeypatch.setenv("VITRINE_CONFIG", str(_config_file(objects, tmp_path)))
-    for deployment in _by_kind(objects, "Deployment").values():
-        for variable in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
-            if variable["name"].startswith("VITRINE_") and variable["name"] != "VITRINE_CONFIG":
-                # Secrets are injected at run time; any well-formed token stands in for them.
-                monkeypatch.setenv(variable["name"], variable.get("value", "secret-from-kubernetes-0123456789"))
-    settings = load_settings()
-    assert settings.ranking.retrieval_target.split("///")[-1].split(":")[0] == "vitrine-retrieval"
-    assert settings.ranking.retrieval_lb_policy == "round_robin"
+    for name, deployment in _by_kind(objects, "Deployment").items():
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert _pods_selected(objects, selector) == {name}
+        assert _pods_selected(objects, _by_kind(objects, "Service")[name]["spec"]["selector"]) == {name}
+        assert _pods_selected(
+            objects, _by_kind(objects, "PodDisruptionBudget")[name]["spec"]["selector"]["matchLabels"]
+        ) == {name}
+        target = _by_kind(objects, "HorizontalPodAutoscaler")[name]["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name)
+        for spread in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+            assert spread["labelSelector"]["matchLabels"] == selector
 
 
-def test_ports_probes_and_grace_match_the_code(
-    rendered: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_retrieval_targets_and_shards_match_the_code(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    """Ranking's retrieval targets name the headless Services of the retrieval replica sets,
+    target i reaches the pods that serve shard i of as many shards as there are targets,
+    and each of them verifies the artifact it will serve before it starts."""
     overlay, path = rendered
     objects = _objects(path)
-    monkeypatch.setenv("VITRINE_CONFIG", str(_config_file(objects, tmp_path)))
-    settings = load_settings()
+    config = _config_file(objects, tmp_path)
+    ranking = _settings_of(_by_kind(objects, "Deployment")["vitrine-ranking"], config).ranking
+    assert ranking.retrieval_lb_policy == "round_robin"
+    targets = ranking.retrieval_shards or [ranking.retrieval_target]
+    assert bool(ranking.retrieval_shards) == overlay.endswith("sharded")
+    retrieval = _workloads(objects, "retrieval")
+    assert len(targets) == len(retrieval)
+    served = set()
+    for position, target in enumerate(targets):
+        assert target.startswith(DNS_SCHEME), "round_robin over pods needs the dns resolver"
+        host, port = _host_port(target)
+        service = _by_kind(objects, "Service")[host]
+        assert service["spec"]["clusterIP"] == "None"
+        assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == port
+        (name,) = _pods_selected(objects, service["spec"]["selector"])
+        settings = _settings_of(retrieval[name], config).retrieval
+        assert settings.port == port
+        assert (settings.shard, settings.shards) == (position, len(targets))
+        pod = retrieval[name]["spec"]["template"]["spec"]
+        verify = pod["initContainers"][0]["command"]
+        required = verify[verify.index("--require") + 1]
+        assert required == shard_artifact_name(settings.index_name, settings.shard, settings.shards)
+        served.add(name)
+    assert served == set(retrieval)
+
+
+def test_configmap_and_env_are_valid_settings(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    objects = _objects(rendered[1])
+    config = _config_file(objects, tmp_path)
+    for deployment in _by_kind(objects, "Deployment").values():
+        _settings_of(deployment, config)  # raises SettingsError on anything invalid
+
+
+def test_ports_probes_and_grace_match_the_code(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    overlay, path = rendered
+    objects = _objects(path)
+    config = _config_file(objects, tmp_path)
     registry = load_registry()
-    for name, (section, service_name) in SERVICES.items():
-        server = getattr(settings, section)
-        pod = _by_kind(objects, "Deployment")[name]["spec"]["template"]
-        container = pod["spec"]["containers"][0]
-        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert ports == {"grpc": server.port, "metrics": server.metrics_port}
-        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(server.metrics_port)
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            spec = container[probe]
-            if "grpc" in spec:
-                assert spec["grpc"] == {"port": server.port, "service": service_name}
-            else:
-                command = spec["exec"]["command"]
-                assert command[:2] == ["vitrine", "health"]
-                assert "health" in registry.commands
-                assert command[command.index("--port") + 1] == str(server.port)
-                assert command[command.index("--service") + 1] == service_name
-        assert overlay != "prod" or "exec" in container["readinessProbe"], "TLS in prod needs the exec probe"
-        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-        assert pod["spec"]["terminationGracePeriodSeconds"] > server.grace_period_s + pre_stop
-        init = pod["spec"]["initContainers"][0]["command"]
-        assert init[:2] == ["vitrine", "verify"]
-        assert "verify" in registry.commands
-        service = _by_kind(objects, "Service")[name]
-        assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
-        security = container["securityContext"]
-        assert security["readOnlyRootFilesystem"] is True
-        assert security["capabilities"]["drop"] == ["ALL"]
-        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    policy = _by_kind(objects, "NetworkPolicy")["vitrine-retrieval"]["spec"]["ingress"][0]
-    assert policy["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vitrine-ranking"}}}]
-    assert policy["ports"] == [{"port": settings.retrieval.port, "protocol": "TCP"}]
+    for component, (section, service_name) in COMPONENTS.items():
+        for name, deployment in _workloads(objects, component).items():
+            server = getattr(_settings_of(deployment, config), section)
+            pod = deployment["spec"]["template"]
+            container = pod["spec"]["containers"][0]
+            ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+            assert ports == {"grpc": server.port, "metrics": server.metrics_port}
+            assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(server.metrics_port)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                spec = container[probe]
+                if "grpc" in spec:
+                    assert spec["grpc"] == {"port": server.port, "service": service_name}
+                else:
+                    command = spec["exec"]["command"]
+                    assert command[:2] == ["vitrine", "health"]
+                    assert "health" in registry.commands
+                    assert command[command.index("--port") + 1] == str(server.port)
+                    assert command[command.index("--service") + 1] == service_name
+            assert not overlay.startswith("prod") or "exec" in container["readinessProbe"], "TLS needs the exec probe"
+            pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            assert pod["spec"]["terminationGracePeriodSeconds"] > server.grace_period_s + pre_stop
+            init = pod["spec"]["initContainers"][0]["command"]
+            assert init[:2] == ["vitrine", "verify"]
+            assert "verify" in registry.commands
+            service = _by_kind(objects, "Service")[name]
+            assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+            security = container["securityContext"]
+            assert security["readOnlyRootFilesystem"] is True
+            assert security["capabilities"]["drop"] == ["ALL"]
+            assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_only_ranking_reaches_retrieval(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    """Every retrieval pod (every shard's) is behind the policy that admits only ranking."""
+    objects = _objects(rendered[1])
+    settings = _settings_of(_by_kind(objects, "Deployment")["vitrine-ranking"], _config_file(objects, tmp_path))
+    policy = _by_kind(objects, "NetworkPolicy")["vitrine-retrieval"]["spec"]
+    assert _pods_selected(objects, policy["podSelector"]["matchLabels"]) == set(_workloads(objects, "retrieval"))
+    grpc_rule = policy["ingress"][0]
+    assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vitrine-ranking"}}}]
+    assert _pods_selected(objects, grpc_rule["from"][0]["podSelector"]["matchLabels"]) == {"vitrine-ranking"}
+    assert grpc_rule["ports"] == [{"port": settings.retrieval.port, "protocol": "TCP"}]
 
 
 def test_dockerfile_targets_run_registered_commands() -> None:
@@ -156,6 +265,22 @@ def test_dockerfile_targets_run_registered_commands() -> None:
     assert f"EXPOSE {settings.ranking.port} {settings.ranking.metrics_port}" in dockerfile
     assert "USER 10001:10001" in dockerfile
     assert os.path.exists(DEPLOY / "docker" / "Dockerfile.dockerignore")
+
+
+def test_make_image_names_what_is_missing_when_no_engine_can_build(tmp_path: Path) -> None:
+    """`make image` was asked for an image: with no working engine it fails and says why."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    docker = fake_bin / "docker"
+    docker.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    docker.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake_bin}:{os.environ['PATH']}", "CONTAINER_ENGINE": "docker"}
+    completed = _run(DEPLOY / "docker" / "build-images.sh", env=env)
+    assert completed.returncode != 0
+    assert "docker is installed but its daemon does not answer" in completed.stderr
+    assert "install podman" in completed.stderr
+    makefile = (ROOT / "Makefile").read_text()
+    assert "deploy/docker/build-images.sh" in makefile
 
 
 def test_verify_command_accepts_good_artifacts_and_refuses_damaged_ones(

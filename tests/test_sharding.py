@@ -13,7 +13,7 @@ items is IVF-PQ. The reference is therefore the unsharded index searched *exactl
 top-100 must recall >= 0.99 of it. The overlap with what the unsharded IVF-PQ server
 returns is measured and printed too, as is that server's own recall against exact
 search. IVF-PQ accuracy at real shard sizes is measured by ``vitrine size-shards``
-(deploy/README.md).
+(docs/deploy.md, "Sharding").
 """
 
 from __future__ import annotations
