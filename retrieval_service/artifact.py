@@ -23,7 +23,7 @@ import numpy.typing as npt
 from retrieval_service.index import VectorIndex, build_index, choose_layout, recall_against_exact
 from retrieval_service.shards import shard_artifact_name, shard_assignments
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
-from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact
+from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact, set_current
 from shared.config import IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
@@ -60,7 +60,13 @@ class IndexTables:
 
 
 def write_index_artifact(
-    root: Path, name: str, version: str, tables: IndexTables, params: dict[str, Any], metrics: dict[str, Any]
+    root: Path,
+    name: str,
+    version: str,
+    tables: IndexTables,
+    params: dict[str, Any],
+    metrics: dict[str, Any],
+    make_current: bool = True,
 ) -> Artifact:
     """``params`` must hold what :func:`load_index_artifact` reads: content_dim,
     collaborative_dim, embedding_model, build, shard and shard_count."""
@@ -72,7 +78,7 @@ def write_index_artifact(
         writer.save_array("user_vectors.npy", tables.user_vectors)
         writer.save_array("popular_items.npy", tables.popular_rows)
         writer.save_array("popular_ranks.npy", tables.popular_ranks)
-        return writer.commit(KIND, params, metrics)
+        return writer.commit(KIND, params, metrics, make_current=make_current)
 
 
 def build_index_artifact(
@@ -185,11 +191,15 @@ def build_index_artifacts(
             popular_rows=local_row[shard_popular],
             popular_ranks=global_rank[shard_popular],
         )
+        # Every shard's CURRENT moves only once all shards are written: serving shards
+        # never straddle two versions longer than their reload polls take.
         artifact = write_index_artifact(
-            root, shard_artifact_name(name, shard, shards), version, tables, params, metrics
+            root, shard_artifact_name(name, shard, shards), version, tables, params, metrics, make_current=False
         )
         event(log, "index artifact written", version=artifact.version, path=str(artifact.path), **metrics)
         artifacts.append(artifact)
+    for artifact in artifacts:
+        set_current(root, artifact.name, artifact.version)
     return artifacts
 
 
