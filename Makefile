@@ -15,7 +15,7 @@ WORKDIR ?= var/demo
 DATA_DIR ?= ../shared/data
 EVAL_OUT ?= var/eval
 
-.PHONY: install tools protos demo test eval lint typecheck clean
+.PHONY: install tools protos demo test eval bench lint typecheck clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -60,6 +60,13 @@ eval: install
 		echo "no MovieLens 100K at $(DATA_DIR)/ml-100k (set DATA_DIR); nothing to evaluate"; \
 	fi
 
+# Performance at 1M items (docs/benchmarks.md): index grid + autotuner, both services under
+# load, in-process floor. Bounded (< 20 min on 2 cores); BENCH_ITEMS=100000 for a quick run.
+BENCH_ITEMS ?= 1000000
+BENCH_NAME ?= bench
+bench: install
+	nice -n 10 $(PY) -m benchmarks.run --name $(BENCH_NAME) --items $(BENCH_ITEMS)
+
 test: install tools
 	$(PY) -m pytest -q
 
@@ -68,7 +75,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy shared retrieval_service ranking_service tests
+	$(VENV)/bin/mypy shared retrieval_service ranking_service tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache

@@ -20,11 +20,12 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from retrieval_service.index import VectorIndex, build_index, choose_layout, recall_against_exact
+from retrieval_service.index import IndexLayout, VectorIndex, build_index, choose_layout
 from retrieval_service.shards import shard_artifact_name, shard_assignments
+from retrieval_service.tuning import tune_nprobe
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact
-from shared.config import IndexBuildSettings
+from shared.config import DEFAULT_NPROBE, IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
 from shared.interactions import recency_weights
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 
 KIND = "vitrine.retrieval-index"
 DEFAULT_NAME = "index"
-RECALL_SAMPLE_QUERIES = 200
-RECALL_AT = 100
-RECALL_NPROBE = 32
 
 
 def item_popularity(dataset: Dataset, cutoff: int, settings: IndexBuildSettings) -> npt.NDArray[np.float32]:
@@ -118,7 +116,8 @@ def build_index_artifacts(
 
     rng = np.random.default_rng(settings.seed)
     active = np.flatnonzero(has_history)
-    sample = rng.choice(active, size=min(RECALL_SAMPLE_QUERIES, len(active)), replace=False) if len(active) else active
+    n_sample = min(settings.tuning.sample_queries, len(active))
+    sample = rng.choice(active, size=n_sample, replace=False) if len(active) else active
     popularity = item_popularity(dataset, cutoff, settings)
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
     # Popular answers are scored by the item's rank in the whole catalogue, so the popular
@@ -151,13 +150,10 @@ def build_index_artifacts(
 
         layout = choose_layout(len(item_rows), fused.shape[1], settings)
         event(log, "training index", shard=shard, shards=shards, **layout.describe())
-        index = build_index(fused[item_rows], layout, settings.seed)
+        index = build_index(fused[item_rows], layout, settings.seed, settings.train_sample, settings.train_iterations)
         vectors = stored_vectors[item_rows]
-        recall = (
-            recall_against_exact(VectorIndex(index, vectors, RECALL_NPROBE), queries[sample], RECALL_AT)
-            if len(sample)
-            else float("nan")
-        )
+        code_bytes = index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
+        bytes_per_item = code_bytes + 2 * layout.dimension
         params: dict[str, Any] = {
             **common,
             "shard": shard,
@@ -166,15 +162,24 @@ def build_index_artifacts(
             "users_with_history": int(users.sum()),
             "layout": layout.describe(),
         }
-        bytes_per_item = (
-            index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
-        ) + 2 * layout.dimension
         metrics: dict[str, Any] = {
-            f"recall@{RECALL_AT}_vs_exact": round(recall, 4),
-            "recall_nprobe": RECALL_NPROBE,
             "bytes_per_item_codes_and_vectors": bytes_per_item,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
+        if len(sample):
+            # The autotuner: the smallest nprobe whose served search reaches the target recall.
+            tuned = tune_nprobe(
+                VectorIndex(index, vectors, DEFAULT_NPROBE),
+                queries[sample],
+                settings.tuning,
+                describe_layout(layout),
+                bytes_per_item,
+            )
+            chosen = tuned.choice.measurement
+            params["search"] = {"nprobe": chosen.nprobe}
+            metrics[f"recall@{settings.tuning.recall_at}_vs_exact"] = chosen.recall
+            metrics["recall_nprobe"] = chosen.nprobe
+            metrics["tuning"] = tuned.describe()
         tables = IndexTables(
             index=index,
             item_ids=catalog.item_ids[item_rows],
@@ -213,9 +218,25 @@ class LoadedIndex:
     shard_count: int
 
 
-def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedIndex:
+def describe_layout(layout: IndexLayout) -> str:
+    if layout.kind == "flat":
+        return "Flat"
+    return f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits},RFP16"
+
+
+def tuned_nprobe(params: dict[str, Any]) -> int:
+    """The nprobe the build's autotuner chose (DEFAULT_NPROBE for older artifacts)."""
+    search = params.get("search")
+    return int(search["nprobe"]) if isinstance(search, dict) and "nprobe" in search else DEFAULT_NPROBE
+
+
+def load_index_artifact(
+    root: Path, nprobe: int | None = None, name: str = DEFAULT_NAME, version: str | None = None
+) -> LoadedIndex:
+    """``nprobe`` None: the one recorded in the manifest by the build's autotuner."""
     artifact = open_artifact(root, name, KIND, version)
     params = artifact.params
+    nprobe = nprobe if nprobe is not None else tuned_nprobe(params)
     index = faiss.read_index(str(artifact.file("index.faiss")))
     item_ids = artifact.load_array("item_ids.npy")
     vectors = artifact.load_array("item_vectors.npy")

@@ -54,7 +54,22 @@ def choose_layout(n_items: int, dimension: int, settings: IndexBuildSettings) ->
     return IndexLayout(kind="ivfpq", dimension=dimension, nlist=nlist, pq_m=pq_m, pq_nbits=pq_nbits)
 
 
-def build_index(vectors: npt.NDArray[np.float32], layout: IndexLayout, seed: int) -> faiss.Index:
+def training_sample(vectors: npt.NDArray[np.float32], size: int, seed: int) -> npt.NDArray[np.float32]:
+    """At most ``size`` rows, a seeded sample (sorted rows, so the copy reads memory in order)."""
+    if len(vectors) <= size:
+        return vectors
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
+    return np.ascontiguousarray(vectors[rows])
+
+
+def build_index(
+    vectors: npt.NDArray[np.float32],
+    layout: IndexLayout,
+    seed: int,
+    train_sample: int | None = None,
+    train_iterations: int | None = None,
+) -> faiss.Index:
+    """Train on ``train_sample`` rows at most (all when None), then add every vector."""
     if vectors.shape[1] != layout.dimension:
         raise ValueError(f"vectors have dimension {vectors.shape[1]}, layout says {layout.dimension}")
     if layout.kind == "flat":
@@ -67,7 +82,10 @@ def build_index(vectors: npt.NDArray[np.float32], layout: IndexLayout, seed: int
     )
     index.cp.seed = seed
     index.pq.cp.seed = seed
-    index.train(vectors)
+    if train_iterations is not None:
+        index.cp.niter = train_iterations
+        index.pq.cp.niter = train_iterations
+    index.train(training_sample(vectors, train_sample or len(vectors), seed))
     index.add(vectors)
     return index
 
@@ -86,6 +104,16 @@ class VectorIndex:
         self._is_ivf = isinstance(index, faiss.IndexIVF)
         if self._is_ivf:
             faiss.extract_index_ivf(index).nprobe = nprobe
+
+    @property
+    def nprobe(self) -> int:
+        return self._nprobe
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Lists probed per search (IVF only; a flat index ignores it)."""
+        self._nprobe = nprobe
+        if self._is_ivf:
+            faiss.extract_index_ivf(self._index).nprobe = nprobe
 
     @property
     def size(self) -> int:
