@@ -37,7 +37,7 @@ from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
 from retrieval_service.retriever import Retriever
-from retrieval_service.tuning import latency_percentiles, tune_nprobe
+from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
 from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings
@@ -55,6 +55,7 @@ class BuiltArtifacts:
     root: Path
     index_build_s: float
     index_nprobe: int
+    index_refine_factor: int
     index_recall: float
     index_layout: str
     ranker_train_s: float
@@ -129,7 +130,7 @@ def build_artifacts(
     stored = fused.astype(np.float16)
     code_bytes = index.sa_code_size()
     faiss.omp_set_num_threads(1)
-    tuned = tune_nprobe(
+    tuned = tune_search(
         VectorIndex(index, stored, 1),
         queries,
         index_settings.tuning,
@@ -162,11 +163,12 @@ def build_artifacts(
         "shard_count": 1,
         "items": len(fused),
         "layout": layout.describe(),
-        "search": {"nprobe": chosen.nprobe},
+        "search": {"nprobe": chosen.nprobe, "refine_factor": chosen.refine_factor},
     }
     metrics = {
         f"recall@{index_settings.tuning.recall_at}_vs_exact": chosen.recall,
         "recall_nprobe": chosen.nprobe,
+        "recall_refine_factor": chosen.refine_factor,
         "bytes_per_item_codes_and_vectors": code_bytes + 2 * fused.shape[1],
         "build_seconds": round(index_build_s, 2),
         "tuning": tuned.describe(),
@@ -233,6 +235,7 @@ def build_artifacts(
         root=root,
         index_build_s=round(index_build_s, 2),
         index_nprobe=chosen.nprobe,
+        index_refine_factor=chosen.refine_factor,
         index_recall=chosen.recall,
         index_layout=describe_layout(layout),
         ranker_train_s=round(ranker_train_s, 2),
@@ -251,6 +254,7 @@ class Service:
     port: int
     start_s: float
     log_path: Path
+    started_at: float = 0.0
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -293,7 +297,19 @@ def start_service(kind: str, args: list[str], env: dict[str, str], workdir: Path
     start_s = time.perf_counter() - started
     port = int(port_file.read_text().strip())
     event(log, "service serving", service=kind, port=port, start_s=round(start_s, 2), pid=process.pid)
-    return Service(kind, process, port, round(start_s, 2), log_path)
+    return Service(kind, process, port, round(start_s, 2), log_path, started)
+
+
+def wait_for_log(service: Service, markers: tuple[str, ...], timeout_s: float) -> tuple[str, float]:
+    """Wait until the service's log holds one of ``markers``: (the marker, seconds since start)."""
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        text = service.log_path.read_text(errors="replace")
+        for marker in markers:
+            if marker in text:
+                return marker, round(time.perf_counter() - service.started_at, 2)
+        time.sleep(0.2)
+    return "", round(time.perf_counter() - service.started_at, 2)
 
 
 def rss_mb(pid: int) -> dict[str, float]:
@@ -312,6 +328,7 @@ def rss_mb(pid: int) -> dict[str, float]:
 
 @dataclass
 class FloorResult:
+    backend: str
     requests: int
     p50_ms: float
     p95_ms: float
@@ -329,17 +346,25 @@ def recommend_queries(dataset: Dataset, count: int, k: int, snapshot_at: int, se
 
 
 def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, float]:
+    """Both artifacts loaded in this process; waits for the compiled trees when they are on."""
     started = time.perf_counter()
     faiss.omp_set_num_threads(1)
     retriever = Retriever(load_index_artifact(root), max_candidates=1000, max_exclusions=10_000)
     pipeline = RankingPipeline(load_ranker_artifact(root), InProcessRetrieval(retriever), settings)
+    pipeline.scorer.ready.wait(START_TIMEOUT_S)
     return pipeline, time.perf_counter() - started
 
 
-def floor(pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int) -> FloorResult:
-    """The same stages in this process, sequentially, one thread for search and predict."""
+def floor(
+    pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int
+) -> tuple[FloorResult, list[tuple[str, ...]]]:
+    """The same stages in this process, sequentially, one thread for search and predict.
+
+    Also returns the recommended item ids per timed query (to compare two configurations).
+    """
     for query in queries[:warm_up]:
         pipeline.recommend(query, 1.0)
+    answers: list[tuple[str, ...]] = []
     timings: list[float] = []
     stages: dict[str, list[float]] = {}
     started_all = time.perf_counter()
@@ -347,15 +372,17 @@ def floor(pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int
         started = time.perf_counter()
         result = pipeline.recommend(query, 1.0)
         timings.append(time.perf_counter() - started)
+        answers.append(tuple(item.item_id for item in result.items))
         for stage, millis in result.stage_ms.items():
             stages.setdefault(stage, []).append(millis)
     elapsed = time.perf_counter() - started_all
     p50, p99 = latency_percentiles(timings)
     return FloorResult(
+        backend=pipeline.scorer.backend,
         requests=len(timings),
         p50_ms=round(p50, 3),
         p95_ms=round(float(np.percentile(np.asarray(timings) * 1000.0, 95)), 3),
         p99_ms=round(p99, 3),
         throughput_rps=round(len(timings) / elapsed, 1),
         stage_mean_ms={stage: round(float(np.mean(values)), 3) for stage, values in stages.items()},
-    )
+    ), answers

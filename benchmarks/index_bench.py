@@ -158,7 +158,7 @@ class GridBuilder:
         if not spec.refine:
             return index
         refined = faiss.IndexRefine(index, self._refine_store(spec.refine))
-        refined.k_factor = refine_factor
+        refined.k_factor = spec.refine_factor or refine_factor
         return refined
 
     def _build_base(self, spec: LayoutSpec) -> faiss.Index:
@@ -201,6 +201,7 @@ def measure(
     nprobe: int,
     label: str,
     size: float,
+    refine_factor: int = 0,
 ) -> Measurement:
     """Single-query search of every query on the calling thread: recall@k and latency."""
     set_nprobe(index, nprobe)
@@ -213,7 +214,8 @@ def measure(
         timings.append(time.perf_counter() - started)
         hits += len(np.intersect1d(found[0], exact[row]))
     p50, p99 = latency_percentiles(timings)
-    return Measurement(label, nprobe, round(hits / float(exact.size), 4), round(p50, 4), round(p99, 4), size)
+    recall = round(hits / float(exact.size), 4)
+    return Measurement(label, nprobe, recall, round(p50, 4), round(p99, 4), size, refine_factor)
 
 
 def exact_reference(
@@ -271,7 +273,8 @@ def run_index_bench(
         build_s = time.perf_counter() - started - (sum(builder.coarse_s.values()) - coarse_before)
         size = spec.bytes_per_item(result.dimension)
         faiss.omp_set_num_threads(1)
-        points = [measure(index, queries, exact, nprobe, spec.label, size) for nprobe in bench.nprobes]
+        factor = (spec.refine_factor or bench.refine_factor) if spec.refine else 0
+        points = [measure(index, queries, exact, nprobe, spec.label, size, factor) for nprobe in bench.nprobes]
         faiss.omp_set_num_threads(BUILD_THREADS)
         result.layouts.append(LayoutResult(spec.label, round(build_s, 2), size, points))
         refines.append(index)  # an IndexRefine must outlive nothing it points to: keep it until the end

@@ -153,7 +153,8 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             "",
             f"Both services as processes on loopback (`python -m shared.cli serve ...`), serving the 1M-item "
             f"artifacts: index `{artifacts['index_layout']}` built in {artifacts['index_build_s']} s (training on a "
-            f"sample), nprobe {artifacts['index_nprobe']} chosen by the build's autotuner (recall "
+            f"sample), nprobe {artifacts['index_nprobe']} and a {artifacts['index_refine_factor']}× re-scored "
+            f"shortlist chosen by the build's autotuner (recall "
             f"{artifacts['index_recall']}, recorded in the manifest, used by the server); ranker: LightGBM "
             f"LambdaMART, {artifacts['ranker_trees']} trees × {settings.ranker_build.num_leaves} leaves, trained in "
             f"{artifacts['ranker_train_s']} s on {bench['ranker_requests']} synthetic requests (candidates and "
@@ -192,6 +193,18 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             f"p99 {floor['p99_ms']} ms, {floor['throughput_rps']} requests/s. Mean per stage (ms): "
             f"{floor['stage_mean_ms']}.",
         ]
+        plain = payload.get("floor_lightgbm_predict")
+        if plain:
+            lines += [
+                "",
+                f"Lever — compiled trees (lleaves, `ranking.compiled_trees`, served above): with LightGBM's own "
+                f"predict instead the floor is p50 {plain['p50_ms']} ms, p99 {plain['p99_ms']} ms, "
+                f"{plain['throughput_rps']} requests/s, stages {plain['stage_mean_ms']}; "
+                f"identical top-{bench['k']} answers in {payload['floor_identical_answers']} of "
+                f"{plain['requests']} requests. The served ranking process had its compiled trees "
+                f"({services['ranking']['compiled_trees']!r}) {services['ranking']['compiled_ready_s']} s after "
+                "it was started (compiling runs in the background after SERVING; LightGBM answers until then).",
+            ]
         lowest = _phase(payload, min(settings.bench.rates))
         saturation = _phase(payload, None)
         if lowest and saturation:

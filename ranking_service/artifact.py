@@ -100,6 +100,8 @@ class LoadedRanker:
     stats: ItemStats
     histories: UserHistoryStore
     snapshot_at: int
+    # The verified model file, for compiling the trees (ranking_service/scoring.py).
+    model_path: Path | None = None
 
 
 def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:
@@ -110,7 +112,8 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
             f"{artifact.path}: the model was trained on features {features.get('names')}, "
             f"this build computes {list(FEATURE_NAMES)}; retrain the ranker"
         )
-    booster = lgb.Booster(model_str=checked_model_text(artifact.file("model.txt")))
+    model_path = artifact.file("model.txt")
+    booster = lgb.Booster(model_str=checked_model_text(model_path))
     items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
     user_ids = artifact.load_array("events/user_ids.npy")
     timestamps = artifact.load_array("events/timestamp.npy")
@@ -132,6 +135,7 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         stats=item_stats(events, len(items), snapshot_at),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,
+        model_path=model_path,
     )
     event(log, "ranker artifact loaded", version=artifact.version, items=len(items), users=len(loaded.histories))
     return loaded

@@ -20,9 +20,9 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from retrieval_service.index import IndexLayout, VectorIndex, build_index, choose_layout
+from retrieval_service.index import REFINE_FACTOR, IndexLayout, VectorIndex, build_index, choose_layout
 from retrieval_service.shards import shard_artifact_name, shard_assignments
-from retrieval_service.tuning import tune_nprobe
+from retrieval_service.tuning import tune_search
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact
 from shared.config import DEFAULT_NPROBE, IndexBuildSettings
@@ -168,7 +168,7 @@ def build_index_artifacts(
         }
         if len(sample):
             # The autotuner: the smallest nprobe whose served search reaches the target recall.
-            tuned = tune_nprobe(
+            tuned = tune_search(
                 VectorIndex(index, vectors, DEFAULT_NPROBE),
                 queries[sample],
                 settings.tuning,
@@ -176,9 +176,10 @@ def build_index_artifacts(
                 bytes_per_item,
             )
             chosen = tuned.choice.measurement
-            params["search"] = {"nprobe": chosen.nprobe}
+            params["search"] = {"nprobe": chosen.nprobe, "refine_factor": chosen.refine_factor}
             metrics[f"recall@{settings.tuning.recall_at}_vs_exact"] = chosen.recall
             metrics["recall_nprobe"] = chosen.nprobe
+            metrics["recall_refine_factor"] = chosen.refine_factor
             metrics["tuning"] = tuned.describe()
         tables = IndexTables(
             index=index,
@@ -224,19 +225,26 @@ def describe_layout(layout: IndexLayout) -> str:
     return f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits},RFP16"
 
 
-def tuned_nprobe(params: dict[str, Any]) -> int:
-    """The nprobe the build's autotuner chose (DEFAULT_NPROBE for older artifacts)."""
+def tuned_search(params: dict[str, Any]) -> tuple[int, int]:
+    """nprobe and shortlist factor the build's autotuner chose (defaults for older artifacts)."""
     search = params.get("search")
-    return int(search["nprobe"]) if isinstance(search, dict) and "nprobe" in search else DEFAULT_NPROBE
+    search = search if isinstance(search, dict) else {}
+    return int(search.get("nprobe", DEFAULT_NPROBE)), int(search.get("refine_factor", REFINE_FACTOR))
 
 
 def load_index_artifact(
-    root: Path, nprobe: int | None = None, name: str = DEFAULT_NAME, version: str | None = None
+    root: Path,
+    nprobe: int | None = None,
+    name: str = DEFAULT_NAME,
+    version: str | None = None,
+    refine_factor: int | None = None,
 ) -> LoadedIndex:
-    """``nprobe`` None: the one recorded in the manifest by the build's autotuner."""
+    """``nprobe`` / ``refine_factor`` None: the values the build's autotuner recorded in the manifest."""
     artifact = open_artifact(root, name, KIND, version)
     params = artifact.params
-    nprobe = nprobe if nprobe is not None else tuned_nprobe(params)
+    tuned_nprobe, tuned_factor = tuned_search(params)
+    nprobe = nprobe if nprobe is not None else tuned_nprobe
+    refine_factor = refine_factor if refine_factor is not None else tuned_factor
     index = faiss.read_index(str(artifact.file("index.faiss")))
     item_ids = artifact.load_array("item_ids.npy")
     vectors = artifact.load_array("item_vectors.npy")
@@ -255,7 +263,7 @@ def load_index_artifact(
         raise ArtifactError(f"{artifact.path}: popular_ranks.npy does not match popular_items.npy")
     loaded = LoadedIndex(
         version=artifact.version,
-        index=VectorIndex(index, vectors, nprobe),
+        index=VectorIndex(index, vectors, nprobe, refine_factor),
         item_ids=item_ids,
         item_row={item_id: row for row, item_id in enumerate(item_ids.tolist())},
         user_row={user_id: row for row, user_id in enumerate(user_ids.tolist())},
@@ -275,6 +283,7 @@ def load_index_artifact(
         version=artifact.version,
         items=len(item_ids),
         nprobe=nprobe,
+        refine_factor=refine_factor,
         shard=loaded.shard,
         shard_count=loaded.shard_count,
     )

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 MIN_ITEMS_FOR_IVFPQ = 1000
 # FAISS wants ~39 training points per centroid.
 POINTS_PER_CENTROID = 39
-# Shortlist = refine_factor x n from IVF-PQ, then exact re-scoring.
+# Shortlist = refine_factor x n from IVF-PQ, then exact re-scoring (the default; the build's
+# autotuner may choose another and record it in the manifest).
 REFINE_FACTOR = 3
 
 
@@ -93,7 +94,9 @@ def build_index(
 class VectorIndex:
     """Search over an ANN index with exclusions and exact re-scoring of the shortlist."""
 
-    def __init__(self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int) -> None:
+    def __init__(
+        self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int, refine_factor: int = REFINE_FACTOR
+    ) -> None:
         if index.ntotal != len(vectors):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(vectors)} item vectors were given")
         if vectors.ndim != 2 or vectors.shape[1] != index.d:
@@ -101,6 +104,7 @@ class VectorIndex:
         self._index = index
         self._vectors = vectors
         self._nprobe = nprobe
+        self._refine_factor = refine_factor
         self._is_ivf = isinstance(index, faiss.IndexIVF)
         if self._is_ivf:
             faiss.extract_index_ivf(index).nprobe = nprobe
@@ -108,6 +112,14 @@ class VectorIndex:
     @property
     def nprobe(self) -> int:
         return self._nprobe
+
+    @property
+    def refine_factor(self) -> int:
+        return self._refine_factor
+
+    def set_refine_factor(self, refine_factor: int) -> None:
+        """Shortlist = refine_factor x n candidates from the IVF-PQ, re-scored exactly."""
+        self._refine_factor = refine_factor
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists probed per search (IVF only; a flat index ignores it)."""
@@ -139,7 +151,7 @@ class VectorIndex:
         n = min(n, available)
         if n <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        shortlist = min(self.size, n * REFINE_FACTOR if self._is_ivf else n)
+        shortlist = min(self.size, n * self._refine_factor if self._is_ivf else n)
         params: faiss.SearchParameters | None = None
         if exclude is not None:
             # Both objects must stay referenced until the search returns (SWIG holds raw pointers).

@@ -111,7 +111,9 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
     def load(version: str | None) -> Retriever:
         if not text_encoder:  # loaded once, with the first index, before SERVING
             text_encoder.append(load_text_encoder(embedding) if settings.text_queries else None)
-        loaded = load_index_artifact(settings.artifacts, settings.nprobe, artifact_name, version)
+        loaded = load_index_artifact(
+            settings.artifacts, settings.nprobe, artifact_name, version, refine_factor=settings.refine_factor
+        )
         if (loaded.shard, loaded.shard_count) != (settings.shard, settings.shards):
             # A shard answering for another shard's items would corrupt every merged answer.
             raise ArtifactError(

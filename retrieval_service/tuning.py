@@ -3,9 +3,9 @@
 Two uses, one rule (:func:`choose`):
 
 * every index build measures the served search (IVF-PQ shortlist + exact re-score,
-  :class:`~retrieval_service.index.VectorIndex`) at each candidate ``nprobe`` on a sample of
-  real user queries and keeps the smallest ``nprobe`` that reaches the target
-  (:func:`tune_nprobe`); the result goes into the index manifest and the server uses it;
+  :class:`~retrieval_service.index.VectorIndex`) for each candidate ``nprobe`` and shortlist
+  factor on a sample of real user queries and keeps the fastest setting that reaches the
+  target (:func:`tune_search`); it goes into the index manifest and the server uses it;
 * ``make bench`` measures a grid of layouts × ``nprobe`` on a synthetic 1M-item catalogue
   and chooses among all of them (fewest bytes per item first, then lowest latency).
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 LAYOUT_PATTERN = re.compile(
     r"^(?:(?P<transform>OPQ|PCA)(?P<transform_arg>\d+),)?IVF(?P<nlist>\d+),PQ(?P<m>\d+)(?:x(?P<nbits>\d+))?"
-    r"(?P<fs>fs)?(?:,R(?P<refine>SQ8|FP16))?$"
+    r"(?P<fs>fs)?(?:,R(?P<refine>SQ8|FP16)(?:x(?P<factor>\d+))?)?$"
 )
 
 
@@ -42,8 +42,9 @@ class LayoutSpec:
 
     ``OPQm``: a learned rotation before PQ; ``PCAd``: reduce to ``d`` dimensions first;
     ``PQmxb``: ``m`` sub-quantisers of ``b`` bits (``fs``: 4-bit fast-scan SIMD codes);
-    ``RSQ8`` / ``RFP16``: re-score the shortlist from 8-bit scalar-quantised or float16
-    copies of the full vectors (the served index re-scores from float16).
+    ``RSQ8`` / ``RFP16`` (``xF``: a shortlist of F x k): re-score the shortlist from 8-bit
+    scalar-quantised or float16 copies of the full vectors (the served index re-scores from
+    float16).
     """
 
     nlist: int
@@ -53,6 +54,7 @@ class LayoutSpec:
     transform_dim: int = 0  # PCA: the output dimension
     fast_scan: bool = False
     refine: str = ""  # "", "SQ8" or "FP16"
+    refine_factor: int = 0  # shortlist = factor x k; 0: the caller's default
 
     @property
     def label(self) -> str:
@@ -64,7 +66,7 @@ class LayoutSpec:
         parts.append(f"IVF{self.nlist}")
         parts.append(f"PQ{self.pq_m}x{self.pq_nbits}" + ("fs" if self.fast_scan else ""))
         if self.refine:
-            parts.append(f"R{self.refine}")
+            parts.append(f"R{self.refine}" + (f"x{self.refine_factor}" if self.refine_factor else ""))
         return ",".join(parts)
 
     def search_dimension(self, dimension: int) -> int:
@@ -97,12 +99,13 @@ def parse_layout(text: str) -> LayoutSpec:
         transform_dim=int(match.group("transform_arg")) if transform == "PCA" else 0,
         fast_scan=fast_scan,
         refine=match.group("refine") or "",
+        refine_factor=int(match.group("factor") or 0),
     )
 
 
 @dataclass(frozen=True)
 class Measurement:
-    """One setting (layout and nprobe) as measured."""
+    """One setting (layout, nprobe, re-scored shortlist factor) as measured."""
 
     layout: str
     nprobe: int
@@ -110,6 +113,7 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     bytes_per_item: float
+    refine_factor: int = 0  # 0: no exact re-scoring
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,45 +183,51 @@ class NprobeTuning:
         return {"chosen": self.choice.describe(), "curve": [m.describe() for m in self.curve]}
 
 
-def tune_nprobe(
+def tune_search(
     index: VectorIndex,
     queries: npt.NDArray[np.float32],
     settings: IndexTuningSettings,
     layout: str,
     bytes_per_item: float,
 ) -> NprobeTuning:
-    """Measure the served search at each candidate nprobe; leave ``index`` at the chosen one.
+    """Measure the served search for each shortlist factor and nprobe; leave ``index`` at the choice.
 
-    The ladder stops at the first nprobe that reaches the target (larger ones only cost
-    time). Recall is against :meth:`VectorIndex.exact_search` on the same stored vectors.
+    For each factor the nprobe ladder stops at the first nprobe reaching the target (larger
+    ones only cost time); among those that reach it, the lowest p50 wins (the bytes per item
+    do not change). Recall is against :meth:`VectorIndex.exact_search` on the stored vectors.
     """
     at = min(settings.recall_at, index.size)
     exact = index.exact_search(queries, at)
     curve: list[Measurement] = []
-    for nprobe in sorted(set(settings.nprobe_candidates)):
-        index.set_nprobe(nprobe)
-        found, timings = [], []
-        for query in queries:
-            started = time.perf_counter()
-            rows, _ = index.search(query[None, :], at)
-            timings.append(time.perf_counter() - started)
-            found.append(rows)
-        p50, p99 = latency_percentiles(timings)
-        curve.append(Measurement(layout, nprobe, round(recall_of(found, exact), 4), p50, p99, bytes_per_item))
-        if curve[-1].recall >= settings.target_recall:
-            break
-    # Only nprobe varies here: the smallest one reaching the target is the cheapest.
+    for factor in sorted(set(settings.refine_factor_candidates)):
+        index.set_refine_factor(factor)
+        for nprobe in sorted(set(settings.nprobe_candidates)):
+            index.set_nprobe(nprobe)
+            found, timings = [], []
+            for query in queries:
+                started = time.perf_counter()
+                rows, _ = index.search(query[None, :], at)
+                timings.append(time.perf_counter() - started)
+                found.append(rows)
+            p50, p99 = latency_percentiles(timings)
+            recall = round(recall_of(found, exact), 4)
+            curve.append(Measurement(layout, nprobe, recall, p50, p99, bytes_per_item, factor))
+            if recall >= settings.target_recall:
+                break
     reaching = [m for m in curve if m.recall >= settings.target_recall and m.p50_ms <= settings.max_latency_ms]
     if reaching:
-        choice = Choice(reaching[0], True, "smallest nprobe reaching the target recall")
+        choice = Choice(min(reaching, key=lambda m: m.p50_ms), True, "fastest setting reaching the target recall")
     else:
-        choice = Choice(max(curve, key=lambda m: (m.recall, -m.nprobe)), False, "target not reached; highest recall")
+        best = max(curve, key=lambda m: (m.recall, -m.p50_ms))
+        choice = Choice(best, False, "target not reached; highest recall")
     index.set_nprobe(choice.measurement.nprobe)
+    index.set_refine_factor(choice.measurement.refine_factor)
     event(
         log,
-        "nprobe tuned",
+        "search tuned",
         layout=layout,
         nprobe=choice.measurement.nprobe,
+        refine_factor=choice.measurement.refine_factor,
         recall=choice.measurement.recall,
         p50_ms=round(choice.measurement.p50_ms, 3),
         meets_target=choice.meets_target,

@@ -53,6 +53,9 @@ class IndexTuningSettings(BaseModel):
     nprobe_candidates: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128], min_length=1
     )
+    # Shortlist sizes (x n) re-scored exactly from the float16 vectors: a larger shortlist
+    # recovers what PQ ranks wrongly among near-ties, at the cost of re-scoring.
+    refine_factor_candidates: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 10], min_length=1)
     sample_queries: int = Field(200, ge=1)
 
 
@@ -135,6 +138,8 @@ class RetrievalSettings(ServerSettings):
     # None: the nprobe the build's autotuner chose (recorded in the index manifest), or
     # DEFAULT_NPROBE for artifacts built before the autotuner.
     nprobe: int | None = Field(None, ge=1)
+    # None: the shortlist factor the build's autotuner chose (manifest), else 3.
+    refine_factor: int | None = Field(None, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
     search_threads: int = Field(1, ge=1)
     # Free-text queries need the text model in memory (~0.5 GB, ~8 s to load). It is loaded
@@ -178,6 +183,9 @@ class RankingSettings(ServerSettings):
     history_length: int = Field(30, ge=1)
     query_half_life_days: float = Field(14.0, gt=0)
     predict_threads: int = Field(1, ge=1)
+    # Compile the ranker's trees (lleaves) in the background after loading and use them once
+    # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
+    compiled_trees: bool = True
 
 
 class BenchSettings(BaseModel):
@@ -198,11 +206,13 @@ class BenchSettings(BaseModel):
     layouts: list[str] = Field(
         default_factory=lambda: [
             "IVF{nlist},PQ32x8",
+            "IVF{nlist},PQ32x8,RFP16x10",
             "IVF{nlist},PQ56x8",
             "IVF{nlist},PQ56x8,RSQ8",
             "IVF{nlist},PQ56x8,RFP16",
+            "IVF{nlist},PQ56x8,RFP16x10",
             "IVF{nlist},PQ112x4fs",
-            "IVF{nlist},PQ112x4fs,RSQ8",
+            "IVF{nlist},PQ112x4fs,RSQ8x10",
         ],
         min_length=1,
     )

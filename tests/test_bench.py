@@ -33,7 +33,7 @@ TINY = BenchSettings(
 
 
 def test_layouts_parse_and_print_back() -> None:
-    for text in ("IVF1024,PQ56x8", "OPQ56,IVF1024,PQ56x8,RSQ8", "IVF1024,PQ112x4fs", "PCA128,IVF256,PQ32x8,RFP16"):
+    for text in ("IVF1024,PQ56x8", "OPQ56,IVF1024,PQ56x8,RSQ8", "IVF1024,PQ112x4fs", "PCA128,IVF256,PQ32x8,RFP16x10"):
         assert parse_layout(text).label == text
     assert parse_layout("IVF1024,PQ56,RSQ8").bytes_per_item(448) == 56 + 448
     with pytest.raises(ValueError, match="unknown index layout"):
@@ -71,6 +71,7 @@ def test_build_records_the_tuned_nprobe_and_the_server_loader_uses_it(tmp_path: 
     )
     loaded = load_index_artifact(tmp_path)  # nprobe from the manifest
     assert loaded.index.nprobe == built.index_nprobe
+    assert loaded.index.refine_factor == built.index_refine_factor
     assert load_index_artifact(tmp_path, nprobe=3).index.nprobe == 3
     assert built.index_recall >= settings.tuning.target_recall
 
@@ -143,7 +144,9 @@ def test_harness_serves_loads_and_measures_the_floor(tmp_path: Path) -> None:
     assert memory["rss_mb"] > 0
     assert ranking.start_s > 0
     pipeline, _ = load_floor(root, RankingSettings(candidates=TINY.candidates))
-    result = floor(pipeline, load[:20], warm_up=5)
+    result, answers = floor(pipeline, load[:20], warm_up=5)
+    assert len(answers) == 15
+    assert result.backend == "lleaves"
     assert result.requests == 15
     assert result.p50_ms > 0
     assert "predict" in result.stage_mean_ms
