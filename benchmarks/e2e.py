@@ -26,6 +26,7 @@ import faiss
 import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from benchmarks.synthetic import SyntheticCatalogue
 from ranking_service.artifact import load_ranker_artifact, write_ranker_artifact
@@ -349,6 +350,7 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
     """Both artifacts loaded in this process; waits for the compiled trees when they are on."""
     started = time.perf_counter()
     faiss.omp_set_num_threads(1)
+    threadpool_limits(limits=1, user_api="blas")  # as both servers run
     retriever = Retriever(load_index_artifact(root), max_candidates=1000, max_exclusions=10_000)
     pipeline = RankingPipeline(load_ranker_artifact(root), InProcessRetrieval(retriever), settings)
     pipeline.scorer.ready.wait(START_TIMEOUT_S)
@@ -386,3 +388,21 @@ def floor(
         throughput_rps=round(len(timings) / elapsed, 1),
         stage_mean_ms={stage: round(float(np.mean(values)), 3) for stage, values in stages.items()},
     ), answers
+
+
+def rescore_lever(index: VectorIndex, queries: npt.NDArray[np.float32], shortlist: int, seed: int) -> dict[str, float]:
+    """Median ms to re-score a shortlist of ``shortlist`` random rows: numpy's float16 cast with
+    numpy's default BLAS threads (before) against FAISS's SIMD decode with one BLAS thread (now)."""
+    rng = np.random.default_rng(seed)
+    variants: dict[str, list[float]] = {"numpy_astype_default_blas": [], "faiss_decode_one_blas_thread": []}
+    for query in queries:
+        rows = rng.integers(0, index.size, shortlist)
+        with threadpool_limits(limits=os.cpu_count(), user_api="blas"):  # numpy's default
+            started = time.perf_counter()
+            _ = index.vectors[rows].astype(np.float32) @ query
+            variants["numpy_astype_default_blas"].append(time.perf_counter() - started)
+        with threadpool_limits(limits=1, user_api="blas"):
+            started = time.perf_counter()
+            _ = index.decoded(rows) @ query
+            variants["faiss_decode_one_blas_thread"].append(time.perf_counter() - started)
+    return {name: round(float(np.median(times)) * 1000.0, 3) for name, times in variants.items()}

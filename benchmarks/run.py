@@ -24,6 +24,7 @@ from benchmarks.e2e import (
     floor,
     load_floor,
     recommend_queries,
+    rescore_lever,
     rss_mb,
     start_service,
     wait_for_log,
@@ -32,6 +33,7 @@ from benchmarks.index_bench import IndexBenchResult, plot, run_index_bench
 from benchmarks.loadgen import closed_loop, open_loop
 from benchmarks.report import machine, update_doc, write_json
 from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
+from retrieval_service.artifact import load_index_artifact
 from retrieval_service.index import IndexLayout
 from retrieval_service.tuning import parse_layout
 from shared.config import VitrineSettings, load_settings
@@ -166,10 +168,17 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
 
     floors = {}
     answers = {}
+    lever_queries = queries[:50]
     # Lever: compiled trees (the served configuration) against LightGBM's own predict.
     for compiled_trees in (True, False):
         pipeline, load_s = load_floor(root, ranking_settings.model_copy(update={"compiled_trees": compiled_trees}))
         result, answers[compiled_trees] = floor(pipeline, floor_queries, bench.warm_up_requests)
+        if compiled_trees:
+            index = load_index_artifact(root).index
+            payload["rescore_lever_ms"] = {
+                f"shortlist {n}": rescore_lever(index, lever_queries, n, SEED) for n in (1500, 5000)
+            }
+            del index
         result.load_s = round(load_s, 2)
         floors[compiled_trees] = result.__dict__
         event(log, "floor done", **result.__dict__)

@@ -193,6 +193,14 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             f"p99 {floor['p99_ms']} ms, {floor['throughput_rps']} requests/s. Mean per stage (ms): "
             f"{floor['stage_mean_ms']}.",
         ]
+        rescore = payload.get("rescore_lever_ms")
+        if rescore:
+            lines += [
+                "",
+                "Lever — exact re-score of the shortlist (median ms per request; numpy's float16 cast with "
+                f"numpy's default BLAS threads, before, against FAISS's SIMD float16 decode and one BLAS thread, now; "
+                f"same scores): {rescore}.",
+            ]
         plain = payload.get("floor_lightgbm_predict")
         if plain:
             lines += [

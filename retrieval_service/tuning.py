@@ -218,8 +218,9 @@ def tune_search(
     if reaching:
         choice = Choice(min(reaching, key=lambda m: m.p50_ms), True, "fastest setting reaching the target recall")
     else:
-        best = max(curve, key=lambda m: (m.recall, -m.p50_ms))
-        choice = Choice(best, False, "target not reached; highest recall")
+        fast = [m for m in curve if m.p50_ms <= settings.max_latency_ms] or curve
+        best = max(fast, key=lambda m: (m.recall, -m.p50_ms))
+        choice = Choice(best, False, "target not reached; highest recall within the latency budget")
     index.set_nprobe(choice.measurement.nprobe)
     index.set_refine_factor(choice.measurement.refine_factor)
     event(

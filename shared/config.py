@@ -229,7 +229,7 @@ class BenchSettings(BaseModel):
     candidates: int = Field(500, ge=10)
     k: int = Field(20, ge=1)
     # Open-loop phases at these request rates, then a closed loop at saturation.
-    rates: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [50.0, 100.0], min_length=1)
+    rates: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [10.0, 50.0, 100.0], min_length=1)
     phase_seconds: float = Field(20.0, gt=0)
     max_requests_per_phase: int = Field(5000, ge=1)
     saturation_concurrency: int = Field(16, ge=1)
