@@ -353,6 +353,7 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
     threadpool_limits(limits=1, user_api="blas")  # as both servers run
     retriever = Retriever(load_index_artifact(root), max_candidates=1000, max_exclusions=10_000)
     pipeline = RankingPipeline(load_ranker_artifact(root), InProcessRetrieval(retriever), settings)
+    pipeline.scorer.start_compiling()
     pipeline.scorer.ready.wait(START_TIMEOUT_S)
     return pipeline, time.perf_counter() - started
 

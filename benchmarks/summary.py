@@ -21,7 +21,7 @@ BUILD_S = 600.0
 
 def _phase(payload: dict[str, Any], rate: float | None) -> dict[str, Any] | None:
     for phase in payload.get("phases", []):
-        if rate is None and phase.get("concurrency") and phase.get("phase") != "warm-up":
+        if rate is None and phase.get("concurrency") and not str(phase.get("phase")).startswith("warm-up"):
             return dict(phase)
         if rate is not None and phase.get("target_rps") == rate:
             return dict(phase)
@@ -211,7 +211,8 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
                 f"identical top-{bench['k']} answers in {payload['floor_identical_answers']} of "
                 f"{plain['requests']} requests. The served ranking process had its compiled trees "
                 f"({services['ranking']['compiled_trees']!r}) {services['ranking']['compiled_ready_s']} s after "
-                "it was started (compiling runs in the background after SERVING; LightGBM answers until then).",
+                "it was started (the first request starts compiling in the background; LightGBM answers until "
+                "then).",
             ]
         lowest = _phase(payload, min(settings.bench.rates))
         saturation = _phase(payload, None)
@@ -222,4 +223,7 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
                 f"throughput {saturation['throughput_rps'] / floor['throughput_rps']:.2f}× (saturation vs the "
                 "single-threaded floor).",
             ]
+    notes = Path(__file__).with_name("notes.md")
+    if notes.exists():
+        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """Scoring candidates: LightGBM's own predict, then the same trees compiled to machine code.
 
-The ranker's trees are compiled with lleaves (LLVM) in a background thread after the
-artifact loads, so start-up does not wait for the compiler (tens of seconds for 300
-trees on a busy 2-core machine). Until the compiled model is ready, and whenever
+The ranker's trees are compiled with lleaves (LLVM) in a background thread started by the
+first request, so start-up neither waits for the compiler (15-30 s for 300 trees on a
+busy 2-core machine) nor shares the CPU (and the GIL: lleaves parses the model in Python)
+with it. Until the compiled model is ready, and whenever
 compiling or its self-check fails, LightGBM's own predict answers. Before it is used,
 the compiled model must reproduce LightGBM's scores on a probe matrix (within
 ``MAX_SCORE_DIFFERENCE``): the switch never changes a ranking.
@@ -38,10 +39,19 @@ class Scorer:
         self._threads = threads
         self._compiled: Any = None  # lleaves.Model once compiled and checked
         self.ready = threading.Event()  # set once the compile attempt has finished (either way)
-        if compiled and model_path is not None:
-            threading.Thread(target=self._compile, args=(model_path,), name="ranker-compile", daemon=True).start()
-        else:
+        self._model_path = model_path if compiled else None
+        self._start_lock = threading.Lock()
+        self._started = False
+        if self._model_path is None:
             self.ready.set()
+
+    def start_compiling(self) -> None:
+        """Compile in the background (once); :attr:`ready` is set when it has finished."""
+        with self._start_lock:
+            if self._started or self._model_path is None:
+                return
+            self._started = True
+        threading.Thread(target=self._compile, args=(self._model_path,), name="ranker-compile", daemon=True).start()
 
     @property
     def backend(self) -> str:
@@ -51,6 +61,8 @@ class Scorer:
         if not len(values):
             return np.zeros(0, dtype=np.float32)
         compiled = self._compiled
+        if compiled is None and not self._started:
+            self.start_compiling()
         if compiled is not None:
             # lleaves reads float64 rows; LightGBM also compares in double precision.
             return np.asarray(compiled.predict(values.astype(np.float64), n_jobs=self._threads), dtype=np.float32)

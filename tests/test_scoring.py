@@ -29,9 +29,11 @@ def test_compiled_trees_reproduce_lightgbm_scores(tmp_path: Path) -> None:
     scorer = Scorer(booster, tmp_path / "model.txt", threads=1, compiled=True)
     values = np.random.default_rng(2).random((500, 5)).astype(np.float32)
     values[:, 4] = np.arange(500) % 7  # includes a category never seen in training
+    assert not scorer.ready.is_set()  # nothing compiles before the first request
+    expected = np.asarray(booster.predict(values, num_threads=1), dtype=np.float32)
+    np.testing.assert_array_equal(scorer.predict(values), expected)  # LightGBM meanwhile
     assert scorer.ready.wait(COMPILE_TIMEOUT_S)
     assert scorer.backend == "lleaves"
-    expected = np.asarray(booster.predict(values, num_threads=1), dtype=np.float32)
     np.testing.assert_array_equal(scorer.predict(values), expected)
     assert scorer.predict(values[:0]).shape == (0,)
 
@@ -45,6 +47,7 @@ def test_lightgbm_answers_when_compiling_is_off_or_fails(tmp_path: Path) -> None
     assert off.backend == "lightgbm"
     (tmp_path / "broken.txt").write_text("tree\nnot a model\n")
     broken = Scorer(booster, tmp_path / "broken.txt", threads=1, compiled=True)
+    broken.start_compiling()
     assert broken.ready.wait(COMPILE_TIMEOUT_S)
     assert broken.backend == "lightgbm"
     np.testing.assert_array_equal(broken.predict(values), expected)
