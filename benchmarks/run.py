@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import shutil
 import sys
@@ -32,6 +33,7 @@ from benchmarks.e2e import (
 from benchmarks.index_bench import IndexBenchResult, plot, run_index_bench
 from benchmarks.loadgen import closed_loop, open_loop
 from benchmarks.report import machine, update_doc, write_json
+from benchmarks.summary import summarise, targets
 from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.index import IndexLayout
@@ -199,14 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("var/bench"), help="artifacts and service logs")
     parser.add_argument("--skip-e2e", action="store_true", help="index grid only")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="re-render docs/benchmarks.md from benchmarks/results/<name>.json"
+    )
     args = parser.parse_args(argv)
+    if args.docs_only:
+        settings = load_settings()
+        payload = json.loads((ROOT / "benchmarks" / "results" / f"{args.name}.json").read_text())
+        update_doc(ROOT / "docs" / "benchmarks.md", summarise(payload, settings, PLOT))
+        return 0
     settings = load_settings(bench={"items": args.items})
     configure_logging(settings.log_level)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = "make bench" if args.name == "bench" else "python -m benchmarks.run " + " ".join(sys.argv[1:])
     payload = run(settings, args.name, args.workdir, args.skip_e2e, command)
-    from benchmarks.summary import summarise, targets
-
     payload["targets"] = targets(payload, settings)
     write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", payload)
     if not args.no_docs:

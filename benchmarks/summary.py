@@ -182,7 +182,7 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             ),
             "",
             table(
-                ["process", "start-up s (to SERVING)", "RSS MiB after start", "peak RSS MiB after load"],
+                ["process", "start-up s (to SERVING)", "RSS MiB after warm-up", "peak RSS MiB after load"],
                 [[name, s["start_s"], s["rss_mb"], s["after_load"]["peak_rss_mb"]] for name, s in services.items()],
             ),
             "",

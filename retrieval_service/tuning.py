@@ -157,7 +157,9 @@ def choose(measurements: list[Measurement], settings: IndexTuningSettings) -> Ch
         )
     pool = fast or measurements
     best = max(pool, key=lambda m: (m.recall, -m.p50_ms))
-    return Choice(best, False, f"no setting reaches recall {settings.target_recall}; the highest recall measured")
+    return Choice(
+        best, False, f"no setting reaches recall {settings.target_recall}; the highest recall within the latency budget"
+    )
 
 
 def recall_of(found: list[npt.NDArray[np.int64]], exact: npt.NDArray[np.int64]) -> float:
