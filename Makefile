@@ -15,7 +15,7 @@ WORKDIR ?= var/demo
 DATA_DIR ?= ../shared/data
 EVAL_OUT ?= var/eval
 
-.PHONY: install tools protos demo test eval loadtest lint typecheck image manifests clean
+.PHONY: install tools protos demo test eval bench loadtest lint typecheck image manifests clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -66,6 +66,13 @@ eval: install
 loadtest: install
 	$(PY) -m deploy.loadtest local
 
+# Performance at 1M items (docs/benchmarks.md): index grid + autotuner, both services under
+# load, in-process floor. Bounded (< 20 min on 2 cores); BENCH_ITEMS=100000 for a quick run.
+BENCH_ITEMS ?= 1000000
+BENCH_NAME ?= bench
+bench: install
+	nice -n 10 $(PY) -m benchmarks.run --name $(BENCH_NAME) --items $(BENCH_ITEMS)
+
 test: install tools
 	$(PY) -m pytest -q
 
@@ -89,7 +96,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy shared retrieval_service ranking_service tests deploy
+	$(VENV)/bin/mypy shared retrieval_service ranking_service tests deploy benchmarks
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) var shared/proto/vitrine .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ from shared.logs import event
 log = logging.getLogger(__name__)
 
 KIND = "vitrine.ranker"
+_MAPPED_FIELDS = ("content_vectors",)
 DEFAULT_NAME = "ranker"
 _ITEM_FIELDS = (
     "item_ids",
@@ -92,6 +93,15 @@ def checked_model_text(path: Path) -> str:
     return text
 
 
+def _build_settings(artifact: Artifact) -> RankerBuildSettings:
+    """The settings the ranker was trained with: co-interaction features must be computed
+    as they were in training."""
+    recorded = artifact.params.get("ranker_build")
+    if not isinstance(recorded, dict):
+        raise ArtifactError(f"{artifact.path}: the manifest records no ranker_build settings; retrain the ranker")
+    return RankerBuildSettings.model_validate(recorded)
+
+
 @dataclass(frozen=True)
 class LoadedRanker:
     version: str
@@ -101,6 +111,8 @@ class LoadedRanker:
     stats: ItemStats
     histories: UserHistoryStore
     snapshot_at: int
+    # The verified model file, for compiling the trees (ranking_service/scoring.py).
+    model_path: Path | None = None
 
 
 def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:
@@ -111,8 +123,12 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
             f"{artifact.path}: the model was trained on features {features.get('names')}, "
             f"this build computes {list(FEATURE_NAMES)}; retrain the ranker"
         )
-    booster = lgb.Booster(model_str=checked_model_text(artifact.file("model.txt")))
-    items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
+    model_path = artifact.file("model.txt")
+    booster = lgb.Booster(model_str=checked_model_text(model_path))
+    # The content vectors (1M items: 768 MB) are mapped, not read: the largest part of start-up.
+    items = ItemTable(
+        **{field: artifact.load_array(f"items/{field}.npy", mmap=field in _MAPPED_FIELDS) for field in _ITEM_FIELDS}
+    )
     user_ids = artifact.load_array("events/user_ids.npy")
     timestamps = artifact.load_array("events/timestamp.npy")
     events = Events(
@@ -130,12 +146,10 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         booster=booster,
         items=items,
         item_row=items.row_of(),
-        # The co-interaction features must be computed as the model was trained.
-        stats=item_stats(
-            events, len(items), snapshot_at, RankerBuildSettings.model_validate(artifact.params["ranker_build"])
-        ),
+        stats=item_stats(events, len(items), snapshot_at, _build_settings(artifact)),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,
+        model_path=model_path,
     )
     event(log, "ranker artifact loaded", version=artifact.version, items=len(items), users=len(loaded.histories))
     return loaded

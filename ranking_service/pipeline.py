@@ -20,6 +20,7 @@ from ranking_service.explain import reasons
 from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import RuleInput, apply_rules
+from ranking_service.scoring import Scorer
 from ranking_service.store import UserHistory
 from shared.config import RankingSettings
 from shared.data import DEVICES
@@ -74,6 +75,7 @@ class RankingPipeline:
         self._settings = settings
         self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
         self._features = FeatureBuilder(ranker.items, ranker.stats)
+        self.scorer = Scorer(ranker.booster, ranker.model_path, settings.predict_threads, settings.compiled_trees)
 
     # -- validation ---------------------------------------------------------------
     def validate(self, query: RecommendQuery) -> None:
@@ -113,10 +115,7 @@ class RankingPipeline:
 
     # -- stage 3: score -------------------------------------------------------------------
     def score(self, features: FeatureMatrix) -> npt.NDArray[np.float32]:
-        if not len(features.values):
-            return np.zeros(0, dtype=np.float32)
-        predicted = self.ranker.booster.predict(features.values, num_threads=self._settings.predict_threads)
-        return np.asarray(predicted, dtype=np.float32)
+        return self.scorer.predict(features.values)
 
     # -- the whole request -----------------------------------------------------------------
     def recommend(self, query: RecommendQuery, timeout_s: float) -> Recommendation:

@@ -6,6 +6,7 @@ import logging
 import uuid
 
 import grpc
+from threadpoolctl import threadpool_limits
 
 from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
@@ -99,6 +100,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
     """Serve the current ranker artifact; returns once SERVING (NOT_SERVING while loading)."""
+    # One BLAS thread per request (feature similarities): concurrent requests use the cores.
+    threadpool_limits(limits=settings.predict_threads, user_api="blas")
     retrieval: CandidateSource
     if settings.retrieval_shards:
         retrieval = ShardedRetrievalClient(

@@ -20,11 +20,12 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from retrieval_service.index import VectorIndex, build_index, choose_layout, recall_against_exact
+from retrieval_service.index import REFINE_FACTOR, IndexLayout, VectorIndex, build_index, choose_layout
 from retrieval_service.shards import shard_artifact_name, shard_assignments
+from retrieval_service.tuning import tune_search
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact, set_current
-from shared.config import IndexBuildSettings
+from shared.config import DEFAULT_NPROBE, IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
 from shared.interactions import recency_weights
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 
 KIND = "vitrine.retrieval-index"
 DEFAULT_NAME = "index"
-RECALL_SAMPLE_QUERIES = 200
-RECALL_AT = 100
-RECALL_NPROBE = 32
 
 
 def item_popularity(dataset: Dataset, cutoff: int, settings: IndexBuildSettings) -> npt.NDArray[np.float32]:
@@ -124,7 +122,8 @@ def build_index_artifacts(
 
     rng = np.random.default_rng(settings.seed)
     active = np.flatnonzero(has_history)
-    sample = rng.choice(active, size=min(RECALL_SAMPLE_QUERIES, len(active)), replace=False) if len(active) else active
+    n_sample = min(settings.tuning.sample_queries, len(active))
+    sample = rng.choice(active, size=n_sample, replace=False) if len(active) else active
     popularity = item_popularity(dataset, cutoff, settings)
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
     # Popular answers are scored by the item's rank in the whole catalogue, so the popular
@@ -158,13 +157,10 @@ def build_index_artifacts(
 
         layout = choose_layout(len(item_rows), fused.shape[1], settings)
         event(log, "training index", shard=shard, shards=shards, **layout.describe())
-        index = build_index(fused[item_rows], layout, settings.seed)
+        index = build_index(fused[item_rows], layout, settings.seed, settings.train_sample, settings.train_iterations)
         vectors = stored_vectors[item_rows]
-        recall = (
-            recall_against_exact(VectorIndex(index, vectors, RECALL_NPROBE), queries[sample], RECALL_AT)
-            if len(sample)
-            else float("nan")
-        )
+        code_bytes = index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
+        bytes_per_item = code_bytes + 2 * layout.dimension
         params: dict[str, Any] = {
             **common,
             "shard": shard,
@@ -173,15 +169,25 @@ def build_index_artifacts(
             "users_with_history": int(users.sum()),
             "layout": layout.describe(),
         }
-        bytes_per_item = (
-            index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
-        ) + 2 * layout.dimension
         metrics: dict[str, Any] = {
-            f"recall@{RECALL_AT}_vs_exact": round(recall, 4),
-            "recall_nprobe": RECALL_NPROBE,
             "bytes_per_item_codes_and_vectors": bytes_per_item,
             "build_seconds": round(time.perf_counter() - started, 2),
         }
+        if len(sample):
+            # The autotuner: the smallest nprobe whose served search reaches the target recall.
+            tuned = tune_search(
+                VectorIndex(index, vectors, DEFAULT_NPROBE),
+                queries[sample],
+                settings.tuning,
+                describe_layout(layout),
+                bytes_per_item,
+            )
+            chosen = tuned.choice.measurement
+            params["search"] = {"nprobe": chosen.nprobe, "refine_factor": chosen.refine_factor}
+            metrics[f"recall@{settings.tuning.recall_at}_vs_exact"] = chosen.recall
+            metrics["recall_nprobe"] = chosen.nprobe
+            metrics["recall_refine_factor"] = chosen.refine_factor
+            metrics["tuning"] = tuned.describe()
         tables = IndexTables(
             index=index,
             item_ids=catalog.item_ids[item_rows],
@@ -224,9 +230,32 @@ class LoadedIndex:
     shard_count: int
 
 
-def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedIndex:
+def describe_layout(layout: IndexLayout) -> str:
+    if layout.kind == "flat":
+        return "Flat"
+    return f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits},RFP16"
+
+
+def tuned_search(params: dict[str, Any]) -> tuple[int, int]:
+    """nprobe and shortlist factor the build's autotuner chose (defaults for older artifacts)."""
+    search = params.get("search")
+    search = search if isinstance(search, dict) else {}
+    return int(search.get("nprobe", DEFAULT_NPROBE)), int(search.get("refine_factor", REFINE_FACTOR))
+
+
+def load_index_artifact(
+    root: Path,
+    nprobe: int | None = None,
+    name: str = DEFAULT_NAME,
+    version: str | None = None,
+    refine_factor: int | None = None,
+) -> LoadedIndex:
+    """``nprobe`` / ``refine_factor`` None: the values the build's autotuner recorded in the manifest."""
     artifact = open_artifact(root, name, KIND, version)
     params = artifact.params
+    tuned_nprobe, tuned_factor = tuned_search(params)
+    nprobe = nprobe if nprobe is not None else tuned_nprobe
+    refine_factor = refine_factor if refine_factor is not None else tuned_factor
     index = faiss.read_index(str(artifact.file("index.faiss")))
     item_ids = artifact.load_array("item_ids.npy")
     vectors = artifact.load_array("item_vectors.npy")
@@ -245,7 +274,7 @@ def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, versi
         raise ArtifactError(f"{artifact.path}: popular_ranks.npy does not match popular_items.npy")
     loaded = LoadedIndex(
         version=artifact.version,
-        index=VectorIndex(index, vectors, nprobe),
+        index=VectorIndex(index, vectors, nprobe, refine_factor),
         item_ids=item_ids,
         item_row={item_id: row for row, item_id in enumerate(item_ids.tolist())},
         user_row={user_id: row for row, user_id in enumerate(user_ids.tolist())},
@@ -265,6 +294,7 @@ def load_index_artifact(root: Path, nprobe: int, name: str = DEFAULT_NAME, versi
         version=artifact.version,
         items=len(item_ids),
         nprobe=nprobe,
+        refine_factor=refine_factor,
         shard=loaded.shard,
         shard_count=loaded.shard_count,
     )

@@ -96,15 +96,14 @@ def _configure_size(parser: argparse.ArgumentParser) -> None:
 
 def _run_size(args: argparse.Namespace) -> int:
     from retrieval_service.sizing import measure_shard, table
-    from shared.config import load_settings
+    from shared.config import DEFAULT_NPROBE, load_settings
 
     settings = load_settings()
+    nprobe = settings.retrieval.nprobe or DEFAULT_NPROBE
     figures = []
     for n_items in args.items:
         figures.append(
-            measure_shard(
-                n_items, args.dimension, settings.index_build, args.queries, args.candidates, settings.retrieval.nprobe
-            )
+            measure_shard(n_items, args.dimension, settings.index_build, args.queries, args.candidates, nprobe)
         )
         print(figures[-1], flush=True)
     print(table(figures))

@@ -7,6 +7,7 @@ import logging
 import faiss
 import grpc
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.retriever import Candidates, QueryPart, Retriever, TextQueryEncoder
@@ -117,13 +118,18 @@ def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
 def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
     """Serve the current index artifact (or one shard of it); returns once SERVING (NOT_SERVING while loading)."""
     faiss.omp_set_num_threads(settings.search_threads)
+    # numpy's BLAS too (the exact re-score): two BLAS threads per request on 2 shared cores
+    # made a 5000 x 448 product 4-8x slower than one.
+    threadpool_limits(limits=settings.search_threads, user_api="blas")
     text_encoder: list[TextQueryEncoder | None] = []
     artifact_name = shard_artifact_name(settings.index_name, settings.shard, settings.shards)
 
     def load(version: str | None) -> Retriever:
         if not text_encoder:  # loaded once, with the first index, before SERVING
             text_encoder.append(load_text_encoder(embedding) if settings.text_queries else None)
-        loaded = load_index_artifact(settings.artifacts, settings.nprobe, artifact_name, version)
+        loaded = load_index_artifact(
+            settings.artifacts, settings.nprobe, artifact_name, version, refine_factor=settings.refine_factor
+        )
         if (loaded.shard, loaded.shard_count) != (settings.shard, settings.shards):
             # A shard answering for another shard's items would corrupt every merged answer.
             raise ArtifactError(

@@ -52,9 +52,11 @@ class Artifact:
     def metrics(self) -> dict[str, Any]:
         return dict(self.manifest.get("metrics", {}))
 
-    def load_array(self, relative: str) -> npt.NDArray[Any]:
+    def load_array(self, relative: str, mmap: bool = False) -> npt.NDArray[Any]:
+        """``mmap``: map the (verified, immutable) file read-only instead of copying it into
+        memory: start-up skips reading it again, pages come in on first use."""
         # allow_pickle=False: object arrays would be a code-execution vector.
-        array: npt.NDArray[Any] = np.load(self.file(relative), allow_pickle=False)
+        array: npt.NDArray[Any] = np.load(self.file(relative), allow_pickle=False, mmap_mode="r" if mmap else None)
         return array
 
 

@@ -24,6 +24,7 @@ from pydantic_settings import (
 from shared.security import AuthSettings, ClientTlsSettings, TlsSettings
 
 CONFIG_FILE_ENV = "VITRINE_CONFIG"
+DEFAULT_NPROBE = 32
 MAX_SHARDS = 256
 
 
@@ -55,6 +56,30 @@ class CollaborativeTuningSettings(BaseModel):
     min_interactions: int = Field(1000, ge=1)
 
 
+class IndexTuningSettings(BaseModel):
+    """What the index autotuner (retrieval_service/tuning.py) aims for.
+
+    The build measures recall@``recall_at`` of the served search (IVF-PQ shortlist + exact
+    re-score) against exact search for each nprobe and keeps the smallest that reaches
+    ``target_recall``; ``make bench`` also compares index layouts with the same rule.
+    """
+
+    target_recall: float = Field(0.95, gt=0, le=1)
+    recall_at: int = Field(100, ge=1)
+    # A setting slower than this (single-query p50, one thread) is never chosen.
+    max_latency_ms: float = Field(2.0, gt=0)
+    # Layouts above this many bytes per item (codes + refine vectors) are chosen only when
+    # no layout within it reaches the target.
+    max_bytes_per_item: float = Field(200.0, gt=0)
+    nprobe_candidates: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128], min_length=1
+    )
+    # Shortlist sizes (x n) re-scored exactly from the float16 vectors: a larger shortlist
+    # recovers what PQ ranks wrongly among near-ties, at the cost of re-scoring.
+    refine_factor_candidates: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 10], min_length=1)
+    sample_queries: int = Field(200, ge=1)
+
+
 class IndexBuildSettings(BaseModel):
     """How the retrieval artifact is built; chosen values are recorded in its manifest."""
 
@@ -71,6 +96,12 @@ class IndexBuildSettings(BaseModel):
     nlist: int = Field(0, ge=0)
     pq_m: int = Field(0, ge=0)
     pq_nbits: int = Field(8, ge=4, le=12)
+    # IVF and PQ are trained on at most this many vectors (a seeded sample): at 1M items
+    # training on everything costs minutes and gains nothing measurable.
+    train_sample: int = Field(100_000, ge=1000)
+    # k-means iterations of the coarse quantiser and of each PQ sub-quantiser.
+    train_iterations: int = Field(20, ge=1)
+    tuning: IndexTuningSettings = IndexTuningSettings()
     history_length: int = Field(30, ge=1)
     history_half_life_days: float = Field(14.0, gt=0)
     seed: int = 7
@@ -142,7 +173,11 @@ class RetrievalSettings(ServerSettings):
     metrics_port: int | None = Field(9151, ge=0, le=65535)
     index_name: str = "index"
     max_candidates: int = Field(1000, ge=1)
-    nprobe: int = Field(32, ge=1)
+    # None: the nprobe the build's autotuner chose (recorded in the index manifest), or
+    # DEFAULT_NPROBE for artifacts built before the autotuner.
+    nprobe: int | None = Field(None, ge=1)
+    # None: the shortlist factor the build's autotuner chose (manifest), else 3.
+    refine_factor: int | None = Field(None, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
     search_threads: int = Field(1, ge=1)
     # Free-text queries need the text model in memory (~0.5 GB, ~8 s to load). It is loaded
@@ -186,6 +221,58 @@ class RankingSettings(ServerSettings):
     history_length: int = Field(30, ge=1)
     query_half_life_days: float = Field(14.0, gt=0)
     predict_threads: int = Field(1, ge=1)
+    # Compile the ranker's trees (lleaves) in the background after loading and use them once
+    # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
+    compiled_trees: bool = True
+
+
+class BenchSettings(BaseModel):
+    """``make bench`` (benchmarks/): the synthetic catalogue, the index grid, the load phases."""
+
+    items: int = Field(1_000_000, ge=1000)
+    users: int = Field(50_000, ge=10)
+    events_per_user: int = Field(40, ge=1)
+    content_dim: int = Field(384, ge=8)
+    collaborative_dim: int = Field(64, ge=2)
+    # Fine clusters (sub-categories) of the synthetic catalogue.
+    clusters: int = Field(5000, ge=2)
+    # Items nobody interacted with: their collaborative half is zero (cold start).
+    cold_share: float = Field(0.4, ge=0, lt=1)
+    queries: int = Field(200, ge=10)
+    # Index layouts measured (retrieval_service.tuning.parse_layout notation); "{nlist}" is
+    # replaced by bench.nlist.
+    layouts: list[str] = Field(
+        default_factory=lambda: [
+            "IVF{nlist},PQ32x8",
+            "IVF{nlist},PQ32x8,RFP16x10",
+            "IVF{nlist},PQ56x8",
+            "IVF{nlist},PQ56x8,RSQ8",
+            "IVF{nlist},PQ56x8,RFP16",
+            "IVF{nlist},PQ56x8,RFP16x10",
+            "IVF{nlist},PQ112x4fs",
+            "IVF{nlist},PQ112x4fs,RSQ8x10",
+        ],
+        min_length=1,
+    )
+    nlist: int = Field(1024, ge=1)
+    # Coarse quantiser and PQ training: a sample and few k-means iterations keep the grid
+    # within the time budget (the served index of the end-to-end run is the grid's own).
+    train_sample: int = Field(50_000, ge=1000)
+    train_iterations: int = Field(10, ge=1)
+    nprobes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32, 64], min_length=1)
+    # Shortlist = refine_factor x k before re-scoring (layouts with R..., and the served index).
+    refine_factor: int = Field(3, ge=1)
+    # The ranker for the end-to-end run: trained on this many synthetic requests.
+    ranker_requests: int = Field(300, ge=20)
+    candidates: int = Field(500, ge=10)
+    k: int = Field(20, ge=1)
+    # Open-loop phases at these request rates, then a closed loop at saturation.
+    rates: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: [10.0, 50.0, 100.0], min_length=1)
+    phase_seconds: float = Field(20.0, gt=0)
+    max_requests_per_phase: int = Field(5000, ge=1)
+    saturation_concurrency: int = Field(16, ge=1)
+    warm_up_requests: int = Field(50, ge=0)
+    floor_requests: int = Field(500, ge=10)
 
 
 class TracingSettings(BaseModel):
@@ -209,6 +296,7 @@ class VitrineSettings(BaseSettings):
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()
     tracing: TracingSettings = TracingSettings()
+    bench: BenchSettings = BenchSettings()
 
     @classmethod
     def settings_customise_sources(

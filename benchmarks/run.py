@@ -1,0 +1,228 @@
+"""``make bench``: index grid, end-to-end load on both services, and the in-process floor.
+
+Run: ``python -m benchmarks.run --name NAME [--items N] [--skip-e2e]`` (settings: the
+``bench`` section of :class:`shared.config.VitrineSettings`, env ``VITRINE_BENCH__*``).
+Writes ``benchmarks/results/<name>.json``, ``docs/img/bench-recall-latency.png`` and the
+``bench`` section of ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+from benchmarks.e2e import (
+    build_artifacts,
+    floor,
+    load_floor,
+    recommend_queries,
+    rescore_lever,
+    rss_mb,
+    start_service,
+    wait_for_log,
+)
+from benchmarks.index_bench import IndexBenchResult, plot, run_index_bench
+from benchmarks.loadgen import closed_loop, open_loop
+from benchmarks.report import machine, update_doc, write_json
+from benchmarks.summary import summarise, targets
+from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
+from retrieval_service.artifact import load_index_artifact
+from retrieval_service.index import IndexLayout
+from retrieval_service.tuning import parse_layout
+from shared.config import VitrineSettings, load_settings
+from shared.logs import configure_logging, event
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+PLOT = Path("img/bench-recall-latency.png")
+SEED = 7
+
+
+def _served_layout(result: IndexBenchResult, dimension: int, fallback_nlist: int) -> IndexLayout:
+    chosen = result.served_choice.get("layout") if result.served_choice else None
+    spec = parse_layout(chosen) if chosen else parse_layout(f"IVF{fallback_nlist},PQ56x8,RFP16")
+    return IndexLayout(kind="ivfpq", dimension=dimension, nlist=spec.nlist, pq_m=spec.pq_m, pq_nbits=spec.pq_nbits)
+
+
+def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, command: str) -> dict[str, Any]:
+    bench = settings.bench
+    started = time.perf_counter()
+    payload: dict[str, Any] = {"name": name, "command": command, "machine": machine(), "bench": bench.model_dump()}
+    index_build = settings.index_build.model_copy(update={"nlist": bench.nlist})
+    catalogue = make_catalogue(bench, SEED)
+    fused = catalogue.fused(index_build)
+    queries = history_queries(catalogue, fused, bench.queries, index_build, SEED + 1)
+    payload["data_s"] = round(time.perf_counter() - started, 1)
+    event(log, "synthetic catalogue ready", items=len(fused), dimension=fused.shape[1], s=payload["data_s"])
+
+    index_result, grid = run_index_bench(
+        fused, queries, bench, index_build.tuning, bench.train_sample, bench.train_iterations, SEED
+    )
+    payload["index"] = index_result.describe()
+    plot(index_result, index_build.tuning, ROOT / "docs" / PLOT)
+    payload["index_s"] = round(time.perf_counter() - started, 1)
+    gc.collect()
+    if skip_e2e:
+        return payload
+
+    layout = _served_layout(index_result, int(fused.shape[1]), bench.nlist)
+    spec = parse_layout(f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits}")
+    # The served index is the grid's build of the chosen layout: its build time is the shared
+    # coarse step plus that layout's own training and adding.
+    served_index = grid.base(spec)
+    build_s = sum(index_result.coarse_s.values()) + next(
+        entry.build_s for entry in index_result.layouts if entry.layout == spec.label
+    )
+    index_build = index_build.model_copy(
+        update={
+            "nlist": layout.nlist,
+            "pq_m": layout.pq_m,
+            "train_sample": bench.train_sample,
+            "train_iterations": bench.train_iterations,
+        }
+    )
+    dataset = make_dataset(catalogue, bench, SEED)
+    root = workdir / "artifacts"
+    shutil.rmtree(root, ignore_errors=True)
+    built = build_artifacts(
+        root,
+        catalogue,
+        fused,
+        dataset,
+        queries,
+        layout,
+        index_build,
+        settings.ranker_build,
+        bench,
+        served_index,
+        build_s,
+    )
+    del grid, served_index
+    payload["artifacts"] = built.__dict__ | {"root": str(built.root)}
+    del fused, catalogue
+    gc.collect()
+
+    ranking_settings = settings.ranking.model_copy(update={"candidates": bench.candidates, "predict_threads": 1})
+    load_queries = recommend_queries(dataset, bench.max_requests_per_phase, bench.k, built.snapshot_at, SEED + 2)
+    floor_queries = load_queries[: bench.floor_requests + bench.warm_up_requests]
+    common_env = {"VITRINE_RETRIEVAL__RELOAD_POLL_S": "0", "VITRINE_RANKING__RELOAD_POLL_S": "0"}
+    retrieval = start_service(
+        "retrieval",
+        ["--artifacts", str(root), "--metrics-port", "0"],
+        {**common_env, "VITRINE_RETRIEVAL__TEXT_QUERIES": "false", "VITRINE_RETRIEVAL__MAX_CANDIDATES": "1000"},
+        workdir,
+    )
+    ranking = None
+    try:
+        ranking = start_service(
+            "ranking",
+            ["--artifacts", str(root), "--retrieval", f"127.0.0.1:{retrieval.port}", "--metrics-port", "0"],
+            {
+                **common_env,
+                "VITRINE_RANKING__CANDIDATES": str(bench.candidates),
+                "VITRINE_RANKING__PREDICT_THREADS": "1",
+            },
+            workdir,
+        )
+        target = f"127.0.0.1:{ranking.port}"
+        # The first request starts compiling the trees in the background; measure with them.
+        warm = closed_loop(target, load_queries, 2, 60.0, bench.warm_up_requests)
+        compiled, compiled_s = wait_for_log(ranking, ("compiled ranker ready", "compiled ranker unavailable"), 600.0)
+        services: dict[str, Any] = {
+            "retrieval": {"start_s": retrieval.start_s, **rss_mb(retrieval.process.pid)},
+            "ranking": {
+                "start_s": ranking.start_s,
+                "compiled_trees": compiled,
+                "compiled_ready_s": compiled_s,
+                **rss_mb(ranking.process.pid),
+            },
+        }
+        phases = [warm.describe() | {"phase": "warm-up (while compiling)"}]
+        for rate in bench.rates:
+            phases.append(
+                open_loop(target, load_queries, rate, bench.phase_seconds, bench.max_requests_per_phase).describe()
+            )
+            event(log, "phase done", **phases[-1])
+        phases.append(
+            closed_loop(
+                target, load_queries, bench.saturation_concurrency, bench.phase_seconds, bench.max_requests_per_phase
+            ).describe()
+        )
+        event(log, "phase done", **phases[-1])
+        services["retrieval"] |= {"after_load": rss_mb(retrieval.process.pid)}
+        services["ranking"] |= {"after_load": rss_mb(ranking.process.pid)}
+        payload["services"] = services
+        payload["phases"] = phases
+    finally:
+        if ranking is not None:
+            ranking.stop()
+        retrieval.stop()
+
+    floors = {}
+    answers = {}
+    lever_queries = queries[:50]
+    # Lever: compiled trees (the served configuration) against LightGBM's own predict.
+    for compiled_trees in (True, False):
+        pipeline, load_s = load_floor(root, ranking_settings.model_copy(update={"compiled_trees": compiled_trees}))
+        result, answers[compiled_trees] = floor(pipeline, floor_queries, bench.warm_up_requests)
+        if compiled_trees:
+            index = load_index_artifact(root).index
+            payload["rescore_lever_ms"] = {
+                f"shortlist {n}": rescore_lever(index, lever_queries, n, SEED) for n in (1500, 5000)
+            }
+            del index
+        result.load_s = round(load_s, 2)
+        floors[compiled_trees] = result.__dict__
+        event(log, "floor done", **result.__dict__)
+        del pipeline
+        gc.collect()
+    payload["floor"] = floors[True]
+    payload["floor_lightgbm_predict"] = floors[False]
+    payload["floor_identical_answers"] = sum(a == b for a, b in zip(answers[True], answers[False], strict=True))
+    faiss.omp_set_num_threads(2)
+    payload["total_s"] = round(time.perf_counter() - started, 1)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--name", default="bench", help="result name: benchmarks/results/<name>.json")
+    parser.add_argument("--items", type=int, default=None, help="catalogue size (default: bench.items)")
+    parser.add_argument("--workdir", type=Path, default=Path("var/bench"), help="artifacts and service logs")
+    parser.add_argument("--skip-e2e", action="store_true", help="index grid only")
+    parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    parser.add_argument(
+        "--docs-only", action="store_true", help="re-render docs/benchmarks.md from benchmarks/results/<name>.json"
+    )
+    args = parser.parse_args(argv)
+    if args.docs_only:
+        settings = load_settings()
+        payload = json.loads((ROOT / "benchmarks" / "results" / f"{args.name}.json").read_text())
+        update_doc(ROOT / "docs" / "benchmarks.md", summarise(payload, settings, PLOT))
+        return 0
+    settings = load_settings(bench={"items": args.items})
+    configure_logging(settings.log_level)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    command = "make bench" if args.name == "bench" else "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    payload = run(settings, args.name, args.workdir, args.skip_e2e, command)
+    payload["targets"] = targets(payload, settings)
+    write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", payload)
+    if not args.no_docs:
+        update_doc(ROOT / "docs" / "benchmarks.md", summarise(payload, settings, PLOT))
+    for target in payload["targets"]:
+        print(f"{'MET ' if target['met'] else 'NOT '} {target['target']}: {target['value']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Compiled ranker trees: same scores as LightGBM, LightGBM until ready or when compiling fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+
+from ranking_service.scoring import Scorer
+
+COMPILE_TIMEOUT_S = 60.0
+
+
+def _booster(path: Path) -> lgb.Booster:
+    rng = np.random.default_rng(1)
+    features = rng.random((600, 5)).astype(np.float32)
+    features[:, 4] = rng.integers(0, 6, 600)  # a categorical column, as item_category / device
+    labels = (features[:, 0] * 3 + (features[:, 4] == 2)).astype(np.int32).clip(0, 3)
+    data = lgb.Dataset(features, label=labels, group=[30] * 20, categorical_feature=[4])
+    params = {"objective": "lambdarank", "num_leaves": 7, "verbose": -1, "min_data_in_leaf": 5, "num_threads": 1}
+    booster = lgb.train(params, data, num_boost_round=15)
+    booster.save_model(str(path))
+    return booster
+
+
+def test_compiled_trees_reproduce_lightgbm_scores(tmp_path: Path) -> None:
+    booster = _booster(tmp_path / "model.txt")
+    scorer = Scorer(booster, tmp_path / "model.txt", threads=1, compiled=True)
+    values = np.random.default_rng(2).random((500, 5)).astype(np.float32)
+    values[:, 4] = np.arange(500) % 7  # includes a category never seen in training
+    assert not scorer.ready.is_set()  # nothing compiles before the first request
+    expected = np.asarray(booster.predict(values, num_threads=1), dtype=np.float32)
+    np.testing.assert_array_equal(scorer.predict(values), expected)  # LightGBM meanwhile
+    assert scorer.ready.wait(COMPILE_TIMEOUT_S)
+    assert scorer.backend == "lleaves"
+    np.testing.assert_array_equal(scorer.predict(values), expected)
+    assert scorer.predict(values[:0]).shape == (0,)
+
+
+def test_lightgbm_answers_when_compiling_is_off_or_fails(tmp_path: Path) -> None:
+    booster = _booster(tmp_path / "model.txt")
+    values = np.random.default_rng(3).random((20, 5)).astype(np.float32)
+    expected = np.asarray(booster.predict(values, num_threads=1), dtype=np.float32)
+    off = Scorer(booster, tmp_path / "model.txt", threads=1, compiled=False)
+    assert off.ready.is_set()
+    assert off.backend == "lightgbm"
+    (tmp_path / "broken.txt").write_text("tree\nnot a model\n")
+    broken = Scorer(booster, tmp_path / "broken.txt", threads=1, compiled=True)
+    broken.start_compiling()
+    assert broken.ready.wait(COMPILE_TIMEOUT_S)
+    assert broken.backend == "lightgbm"
+    np.testing.assert_array_equal(broken.predict(values), expected)
+    np.testing.assert_array_equal(off.predict(values), expected)
