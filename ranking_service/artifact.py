@@ -16,9 +16,10 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+import scipy.sparse as sp
 
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
-from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, item_stats
+from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
 from shared.config import RankerBuildSettings
 from shared.data import Dataset, Events
@@ -27,6 +28,7 @@ from shared.logs import event
 log = logging.getLogger(__name__)
 
 KIND = "vitrine.ranker"
+_NEIGHBOUR_PARTS = ("indptr", "indices", "data")
 _MAPPED_FIELDS = ("content_vectors",)
 DEFAULT_NAME = "ranker"
 _ITEM_FIELDS = (
@@ -64,6 +66,10 @@ def write_ranker_artifact(
         writer.save_array("events/item_index.npy", events.item_index)
         writer.save_array("events/event_code.npy", events.event_code)
         writer.save_array("events/timestamp.npy", events.timestamp)
+        # Computed here, once per build, rather than at every start-up (seconds at 1M items).
+        neighbours = co_interactions(events, len(items), _build_settings(params, root))
+        for part in _NEIGHBOUR_PARTS:
+            writer.save_array(f"stats/co_interactions_{part}.npy", getattr(neighbours, part))
         artifact = writer.commit(KIND, {**params, "snapshot_at": snapshot_at}, metrics)
     event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
@@ -93,13 +99,28 @@ def checked_model_text(path: Path) -> str:
     return text
 
 
-def _build_settings(artifact: Artifact) -> RankerBuildSettings:
+def _build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
     """The settings the ranker was trained with: co-interaction features must be computed
     as they were in training."""
-    recorded = artifact.params.get("ranker_build")
+    recorded = params.get("ranker_build")
     if not isinstance(recorded, dict):
-        raise ArtifactError(f"{artifact.path}: the manifest records no ranker_build settings; retrain the ranker")
+        raise ArtifactError(f"{where}: the ranker parameters record no ranker_build settings")
     return RankerBuildSettings.model_validate(recorded)
+
+
+def _load_neighbours(artifact: Artifact, n_items: int) -> sp.csr_matrix:
+    """The stored co-interaction matrix, after a structural check (scipy trusts its inputs)."""
+    indptr, indices, data = (artifact.load_array(f"stats/co_interactions_{part}.npy") for part in _NEIGHBOUR_PARTS)
+    if (
+        indptr.shape != (n_items + 1,)
+        or len(indices) != len(data)
+        or int(indptr[0]) != 0
+        or int(indptr[-1]) != len(indices)
+        or np.any(np.diff(indptr) < 0)
+        or (len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_items))
+    ):
+        raise ArtifactError(f"{artifact.path}: co-interaction matrix does not fit {n_items} items; rebuild the ranker")
+    return sp.csr_matrix((data, indices, indptr), shape=(n_items, n_items))
 
 
 @dataclass(frozen=True)
@@ -146,7 +167,13 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         booster=booster,
         items=items,
         item_row=items.row_of(),
-        stats=item_stats(events, len(items), snapshot_at, _build_settings(artifact)),
+        stats=item_stats(
+            events,
+            len(items),
+            snapshot_at,
+            _build_settings(artifact.params, artifact.path),
+            _load_neighbours(artifact, len(items)),
+        ),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,
         model_path=model_path,

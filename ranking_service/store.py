@@ -121,7 +121,15 @@ def co_interactions(events: Events, n_items: int, settings: RankerBuildSettings)
     )
 
 
-def item_stats(events: Events, n_items: int, as_of: int, settings: RankerBuildSettings) -> ItemStats:
+def item_stats(
+    events: Events,
+    n_items: int,
+    as_of: int,
+    settings: RankerBuildSettings,
+    neighbours: sp.csr_matrix | None = None,
+) -> ItemStats:
+    """Statistics of the events before ``as_of``; ``neighbours``: the co-interaction matrix
+    when it was computed already (the ranker artifact stores it), else it is computed."""
     past = events.before(as_of)
     weights = event_weights(past.event_code).astype(np.float64)
     popularity = np.bincount(past.item_index, weights=weights, minlength=n_items)
@@ -139,7 +147,7 @@ def item_stats(events: Events, n_items: int, as_of: int, settings: RankerBuildSe
         log_purchases=np.log1p(purchases).astype(np.float32),
         conversion_rate=conversion.astype(np.float32),
         popular_rows=np.argsort(-popularity, kind="stable").astype(np.int32),
-        co_interactions=co_interactions(past, n_items, settings),
+        co_interactions=neighbours if neighbours is not None else co_interactions(past, n_items, settings),
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ranking_service.artifact import load_ranker_artifact
+from ranking_service.store import co_interactions
 from ranking_service.training import label_mask, replay_requests
 from shared.config import VitrineSettings
 from shared.data import Dataset
@@ -102,3 +104,13 @@ def test_random_label_split_replays_one_request_after_everything(dataset: Datase
     first = requests[0]
     user_row = int(np.flatnonzero(dataset.users.user_ids == first.user_id)[0])
     assert set(first.labels) == set(events.item_index[mask & (events.user_index == user_row)].tolist())
+
+
+def test_ranker_artifact_stores_the_co_interactions_of_its_snapshot(
+    dataset: Dataset, artifacts: BuiltArtifacts, settings: VitrineSettings
+) -> None:
+    loaded = load_ranker_artifact(artifacts.root)
+    expected = co_interactions(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), settings.ranker_build)
+    stored = loaded.stats.co_interactions
+    assert stored.nnz == expected.nnz > 0
+    assert abs(stored - expected).max() == 0
