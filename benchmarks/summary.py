@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.report import table
+from ranking_service.features import FEATURE_NAMES
 from shared.config import VitrineSettings
 
 SATURATION_P99_MS = 50.0
@@ -159,8 +160,9 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             f"LambdaMART, {artifacts['ranker_trees']} trees × {settings.ranker_build.num_leaves} leaves, trained in "
             f"{artifacts['ranker_train_s']} s on {bench['ranker_requests']} synthetic requests (candidates and "
             f"features through the serving code). Each `Recommend`: history of a known user → {bench['candidates']} "
-            f"candidates → 30 features → LightGBM → rules → top {bench['k']}. Load: asyncio `grpc.aio` client in "
-            f"the bench process (same 2 cores), open loop at fixed rates for {bench['phase_seconds']:g} s, then a "
+            f"candidates → {len(FEATURE_NAMES)} features → LightGBM → rules → top {bench['k']}. "
+            f"Load: asyncio `grpc.aio` client in the bench process (same 2 cores), open loop at fixed rates for "
+            f"{bench['phase_seconds']:g} s, then a "
             f"closed loop of {bench['saturation_concurrency']} callers.",
             "",
             table(
