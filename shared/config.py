@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -282,7 +282,49 @@ class TracingSettings(BaseModel):
     sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
-class VitrineSettings(BaseSettings):
+class FileAndEnvSettings(BaseSettings):
+    """Settings from explicit values, then env vars, then the YAML file named by the
+    ``config_file_env`` variable (when set)."""
+
+    config_file_env: ClassVar[str] = CONFIG_FILE_ENV
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(cls.config_file_env)
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+Loaded = TypeVar("Loaded", bound=FileAndEnvSettings)
+
+
+def load_with_overrides(
+    settings_cls: type[Loaded], error: type[ValueError], what: str, overrides: dict[str, Any]
+) -> Loaded:
+    """``settings_cls`` from env and file with ``overrides`` (nested dicts, None = unset) on
+    top; any problem is raised as ``error`` naming ``what``."""
+    config_file = os.environ.get(settings_cls.config_file_env)
+    if config_file and not Path(config_file).is_file():
+        raise error(f"{settings_cls.config_file_env}={config_file}: no such file")
+    try:
+        base = settings_cls()
+        if not overrides:
+            return base
+        return settings_cls.model_validate(deep_merge(base.model_dump(), overrides))
+    except ValidationError as err:
+        raise error(f"invalid {what}:\n{err}") from err
+
+
+class VitrineSettings(FileAndEnvSettings):
     model_config = SettingsConfigDict(
         env_prefix="VITRINE_",
         env_nested_delimiter="__",
@@ -298,21 +340,6 @@ class VitrineSettings(BaseSettings):
     tracing: TracingSettings = TracingSettings()
     bench: BenchSettings = BenchSettings()
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
-
 
 class SettingsError(ValueError):
     pass
@@ -320,17 +347,7 @@ class SettingsError(ValueError):
 
 def load_settings(**overrides: Any) -> VitrineSettings:
     """Settings from env and file, with ``overrides`` (nested dicts) on top."""
-    config_file = os.environ.get(CONFIG_FILE_ENV)
-    if config_file and not Path(config_file).is_file():
-        raise SettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
-    try:
-        base = VitrineSettings()
-        if not overrides:
-            return base
-        merged = deep_merge(base.model_dump(), overrides)
-        return VitrineSettings.model_validate(merged)
-    except ValidationError as err:
-        raise SettingsError(f"invalid Vitrine settings:\n{err}") from err
+    return load_with_overrides(VitrineSettings, SettingsError, "Vitrine settings", overrides)
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

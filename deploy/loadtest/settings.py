@@ -9,14 +9,13 @@ defaults below. Everything is validated before the first request is sent.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from shared.config import deep_merge
+from shared.config import FileAndEnvSettings, load_with_overrides
 from shared.security import ClientTlsSettings
 
 CONFIG_FILE_ENV = "VITRINE_LOADTEST_CONFIG"
@@ -150,7 +149,8 @@ class LocalRunSettings(BaseModel):
     server_start_timeout_s: float = Field(180.0, gt=0)
 
 
-class LoadTestSettings(BaseSettings):
+class LoadTestSettings(FileAndEnvSettings):
+    config_file_env: ClassVar[str] = CONFIG_FILE_ENV
     model_config = SettingsConfigDict(env_prefix="VITRINE_LOADTEST_", env_nested_delimiter="__", extra="forbid")
 
     # The ranking service (Recommend), host:port. A cluster: the ranking Service or its
@@ -228,21 +228,6 @@ class LoadTestSettings(BaseSettings):
         """The inverse of :meth:`resolved_json` (validated, environment not consulted)."""
         return cls.model_validate_json(text)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get(CONFIG_FILE_ENV)
-        if config_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
-        return tuple(sources)
-
 
 class LoadTestSettingsError(ValueError):
     pass
@@ -250,14 +235,4 @@ class LoadTestSettingsError(ValueError):
 
 def load_loadtest_settings(**overrides: Any) -> LoadTestSettings:
     """Settings from env and file, with ``overrides`` (nested dicts, None = unset) on top."""
-    config_file = os.environ.get(CONFIG_FILE_ENV)
-    if config_file and not Path(config_file).is_file():
-        raise LoadTestSettingsError(f"{CONFIG_FILE_ENV}={config_file}: no such file")
-    try:
-        base = LoadTestSettings()
-        if not overrides:
-            return base
-        merged = deep_merge(base.model_dump(), overrides)
-        return LoadTestSettings.model_validate(merged)
-    except ValidationError as err:
-        raise LoadTestSettingsError(f"invalid load-test settings:\n{err}") from err
+    return load_with_overrides(LoadTestSettings, LoadTestSettingsError, "load-test settings", overrides)
