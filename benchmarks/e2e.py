@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from retrieval_service.retriever import Retriever
 from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
+from shared.commands import start_server_process, vitrine_command
 from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings
 from shared.data import Dataset
 from shared.logs import event
@@ -283,27 +283,18 @@ def service_environment(extra: dict[str, str]) -> dict[str, str]:
 
 
 def start_service(kind: str, args: list[str], env: dict[str, str], workdir: Path) -> Service:
-    """``python -m shared.cli serve KIND ...``; returns once its port file exists (SERVING)."""
-    port_file = workdir / f"{kind}.port"
-    port_file.unlink(missing_ok=True)
+    """``python -m shared.cli serve KIND ...``; returns once it serves, with its start-up time."""
     log_path = workdir / f"{kind}.log"
     started = time.perf_counter()
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", kind, "--port", "0", "--port-file", str(port_file), *args],
-            env=service_environment(env),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    while not port_file.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"{kind} server exited with {process.returncode}; see {log_path}")
-        if time.perf_counter() - started > START_TIMEOUT_S:
-            process.kill()
-            raise RuntimeError(f"{kind} server not serving after {START_TIMEOUT_S} s; see {log_path}")
-        time.sleep(0.02)
+    process, port = start_server_process(
+        vitrine_command("serve", kind, *args),
+        workdir / f"{kind}.port",
+        log_path,
+        service_environment(env),
+        timeout_s=START_TIMEOUT_S,
+        append_log=False,
+    )
     start_s = time.perf_counter() - started
-    port = int(port_file.read_text().strip())
     event(log, "service serving", service=kind, port=port, start_s=round(start_s, 2), pid=process.pid)
     return Service(kind, process, port, round(start_s, 2), log_path, started)
 

@@ -47,6 +47,38 @@ def vitrine_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "shared.cli", *args]
 
 
+def start_server_process(
+    argv: Sequence[str],
+    port_file: Path,
+    log_file: Path,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = SERVER_START_TIMEOUT_S,
+    append_log: bool = True,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a ``vitrine serve ...`` process on free ports; return it and its port once it
+    serves (it writes the port file then). A process that exits or never serves is killed
+    and reported with its log file."""
+    port_file.unlink(missing_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab" if append_log else "wb") as log:
+        process = subprocess.Popen(
+            [*argv, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **env} if env else None,
+        )
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}; see {log_file}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise TimeoutError(f"{' '.join(argv)} not serving after {timeout_s}s; see {log_file}")
+        time.sleep(0.02)
+    return process, int(port_file.read_text())
+
+
 @contextlib.contextmanager
 def server_process(
     argv: Sequence[str], port_file: Path, log_file: Path, env: Mapping[str, str] | None = None
@@ -55,35 +87,20 @@ def server_process(
 
     ``env`` adds to (or overrides) this process's environment, e.g. ``VITRINE_...`` settings.
     """
-    port_file.unlink(missing_ok=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
-        process = subprocess.Popen(
-            [*argv, "--port", "0", "--metrics-port", "0", "--port-file", str(port_file)],
-            stdout=log,
-            stderr=log,
-            env={**os.environ, **env} if env else None,
-        )
-        try:
-            deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-            while not port_file.exists():
-                if process.poll() is not None:
-                    raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}; see {log_file}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{' '.join(argv)} not serving after {SERVER_START_TIMEOUT_S}s; see {log_file}")
-                time.sleep(0.1)
-            yield int(port_file.read_text())
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        # Reached only when the body succeeded: the server must have drained and exited cleanly.
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode} on SIGTERM; see {log_file}")
+    process, port = start_server_process(argv, port_file, log_file, env)
+    try:
+        yield port
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    # Reached only when the body succeeded: the server must have drained and exited cleanly.
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode} on SIGTERM; see {log_file}")
 
 
 def run_step(*argv: str) -> None:
