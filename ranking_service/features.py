@@ -81,6 +81,15 @@ class CandidateSet:
     content_scores: npt.NDArray[np.float32]
     collaborative_scores: npt.NDArray[np.float32]
     from_popular: bool
+    # Per candidate, the retrieval sources that proposed it ("collaborative", "covisitation"...);
+    # empty when the answer did not say (the popular-items fallback).
+    sources: tuple[tuple[str, ...], ...] = ()
+    # Per candidate, catalogue rows of the history or session items that led retrieval to it,
+    # strongest first; empty when unknown.
+    anchor_rows: tuple[npt.NDArray[np.int32], ...] = ()
+    # Per candidate, the stock retrieval reports now (UpdateStock applies at once); None: use
+    # the snapshot's stock.
+    stock: npt.NDArray[np.int64] | None = None
 
 
 @dataclass(frozen=True)
