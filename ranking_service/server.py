@@ -14,7 +14,7 @@ from ranking_service.pipeline import RANKING_SERVICE, RankingPipeline, Recommend
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient, ShardedRetrievalClient
 from shared.artifacts import current_version
 from shared.config import RankingSettings
-from shared.errors import grpc_errors
+from shared.errors import Unimplemented, grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.logs import event
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
@@ -96,6 +96,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             degraded=bool(result.degraded_reason),
             partial=bool(result.partial_reason),
         )
+
+    @grpc_errors
+    def LogEvents(  # noqa: N802 (gRPC method name)
+        self, request: ranking_pb2.LogEventsRequest, context: grpc.ServicerContext
+    ) -> ranking_pb2.LogEventsResponse:
+        raise Unimplemented("LogEvents is not served by this version yet")
 
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:

@@ -14,7 +14,7 @@ from retrieval_service.retriever import Candidates, QueryPart, Retriever, TextQu
 from retrieval_service.shards import shard_artifact_name
 from shared.artifacts import ArtifactError, current_version
 from shared.config import EmbeddingSettings, RetrievalSettings
-from shared.errors import InvalidArgument, grpc_errors
+from shared.errors import InvalidArgument, Unimplemented, grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
 from shared.reloading import Reloadable
@@ -106,6 +106,24 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
                 retriever.history_part(list(request.history.item_ids), list(request.history.weights))
             )
         raise InvalidArgument("set one query: user_id or history", field="query")
+
+    @grpc_errors
+    def UpsertItems(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.UpsertItemsRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.CatalogUpdateResponse:
+        raise Unimplemented("UpsertItems is not served by this version yet")
+
+    @grpc_errors
+    def DeleteItems(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.DeleteItemsRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.CatalogUpdateResponse:
+        raise Unimplemented("DeleteItems is not served by this version yet")
+
+    @grpc_errors
+    def UpdateStock(  # noqa: N802 (gRPC method name)
+        self, request: retrieval_pb2.UpdateStockRequest, context: grpc.ServicerContext
+    ) -> retrieval_pb2.CatalogUpdateResponse:
+        raise Unimplemented("UpdateStock is not served by this version yet")
 
 
 def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:

@@ -52,6 +52,10 @@ class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
