@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.store import ItemStats, ItemTable, UserHistory
-from shared.data import CART, DEVICES, PURCHASE
-from shared.interactions import SECONDS_PER_DAY, event_weights
+from shared.data import CART, DEVICES, PURCHASE, WISHLIST
+from shared.interactions import SECONDS_PER_DAY, event_intent, event_weights
 
 FEATURE_NAMES: tuple[str, ...] = (
     "retrieval_score_relative",
@@ -175,7 +175,10 @@ class FeatureBuilder:
 
         same_item = rows[:, None] == hist_rows[None, :]  # (n, len(history))
         put("user_item_interactions", same_item.sum(axis=1))
-        put("user_item_max_intent", np.where(same_item, history.event_codes[None, :] + 1, 0).max(axis=1, initial=0))
+        put(
+            "user_item_max_intent",
+            np.where(same_item, event_intent(history.event_codes)[None, :], 0).max(axis=1, initial=0),
+        )
         last_seen = np.where(same_item, history.timestamps[None, :], -1).max(axis=1, initial=-1)
         put("user_item_days_since", np.where(last_seen >= 0, (now - last_seen) / SECONDS_PER_DAY, NEVER_DAYS))
 
@@ -220,7 +223,7 @@ class FeatureBuilder:
         return FeatureMatrix(values=values, closest_history_row=closest_row, closest_history_code=closest_code)
 
 
-INTENT_VERB = {PURCHASE: "bought", CART: "added to your cart"}
+INTENT_VERB = {PURCHASE: "bought", CART: "added to your cart", WISHLIST: "added to your wishlist"}
 
 
 def intent_verb(code: int) -> str:

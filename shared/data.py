@@ -39,11 +39,13 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 
-EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase")
-"""Event types in increasing order of intent; the position is the event code."""
+EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "wishlist")
+"""Event types; the position is the event code, stored in artifacts (ranker event
+snapshots), so new types are appended, never inserted. The order is NOT the order of
+intent (view < wishlist < cart < purchase): that is :data:`shared.interactions.EVENT_INTENT`."""
 
 EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
-VIEW, CART, PURCHASE = (EVENT_CODE[name] for name in EVENT_TYPES)
+VIEW, CART, PURCHASE, WISHLIST = (EVENT_CODE[name] for name in EVENT_TYPES)
 
 DEVICES: tuple[str, ...] = ("web", "ios", "android")
 

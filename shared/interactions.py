@@ -10,20 +10,31 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from shared.data import CART, PURCHASE, VIEW, Events
+from shared.data import CART, PURCHASE, VIEW, WISHLIST, Events
 
 SECONDS_PER_DAY = 86_400.0
 
 # Relative strength of one event of each type.
-EVENT_CONFIDENCE: dict[int, float] = {VIEW: 1.0, CART: 3.0, PURCHASE: 5.0}
+EVENT_CONFIDENCE: dict[int, float] = {VIEW: 1.0, WISHLIST: 2.0, CART: 3.0, PURCHASE: 5.0}
 # Graded relevance labels for learning to rank (no interaction = 0).
-EVENT_LABEL: dict[int, int] = {VIEW: 1, CART: 2, PURCHASE: 3}
+EVENT_LABEL: dict[int, int] = {VIEW: 1, WISHLIST: 1, CART: 2, PURCHASE: 3}
+# Level of intent, for "strongest interaction with this item" features: view < wishlist <
+# cart < purchase. View, cart and purchase keep the values (code + 1) that rankers trained
+# before wishlist existed learned on.
+EVENT_INTENT: dict[int, float] = {VIEW: 1.0, WISHLIST: 1.5, CART: 2.0, PURCHASE: 3.0}
 
 
 def event_weights(event_code: npt.NDArray[np.int8]) -> npt.NDArray[np.float32]:
     table = np.zeros(max(EVENT_CONFIDENCE) + 1, dtype=np.float32)
     for code, weight in EVENT_CONFIDENCE.items():
         table[code] = weight
+    return table[event_code]
+
+
+def event_intent(event_code: npt.NDArray[np.int8]) -> npt.NDArray[np.float32]:
+    table = np.zeros(max(EVENT_INTENT) + 1, dtype=np.float32)
+    for code, level in EVENT_INTENT.items():
+        table[code] = level
     return table[event_code]
 
 

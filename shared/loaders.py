@@ -121,6 +121,9 @@ EVENT_ALIASES: dict[str, str] = {
     "buy": "purchase",
     "order": "purchase",
     "transaction": "purchase",
+    "add_to_wishlist": "wishlist",
+    "addtowishlist": "wishlist",
+    "add-to-wishlist": "wishlist",
 }
 """Event-type spellings of common logs, mapped onto :data:`shared.data.EVENT_TYPES`."""
 
