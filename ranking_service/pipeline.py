@@ -18,6 +18,7 @@ from ranking_service.artifact import LoadedRanker
 from ranking_service.candidates import CandidateStage
 from ranking_service.explain import reasons
 from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
+from ranking_service.online import OnlineUserState, with_online_events
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import RuleInput, apply_rules
 from ranking_service.scoring import Scorer
@@ -67,11 +68,23 @@ class Recommendation:
     partial_reason: str
     removed_by_rules: dict[str, int]
     stage_ms: dict[str, float]
+    # The request time (unix seconds) and the returned items' feature rows (FEATURE_NAMES
+    # order), for the impression log.
+    timestamp: int = 0
+    feature_values: npt.NDArray[np.float32] | None = None
 
 
 class RankingPipeline:
-    def __init__(self, ranker: LoadedRanker, retrieval: CandidateSource, settings: RankingSettings) -> None:
+    def __init__(
+        self,
+        ranker: LoadedRanker,
+        retrieval: CandidateSource,
+        settings: RankingSettings,
+        online: OnlineUserState | None = None,
+    ) -> None:
         self.ranker = ranker
+        # Events LogEvents stored since the snapshot (shared across artifact swaps).
+        self._online = online
         self._settings = settings
         self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
         self._features = FeatureBuilder(ranker.items, ranker.stats)
@@ -136,7 +149,14 @@ class RankingPipeline:
             device=query.device if query.device in DEVICES else "",
             session_rows=self._rows(query.session_item_ids),
         )
-        history = self.ranker.histories.history(query.user_id, before=timestamp + 1, limit=None)
+        history = with_online_events(
+            self._online,
+            query.user_id,
+            self.ranker.histories.history(query.user_id, before=timestamp + 1, limit=None),
+            self.ranker.item_row,
+            self.ranker.snapshot_at,
+            before=timestamp + 1,
+        )
         excluded = self._rows(query.exclude_item_ids)
         cold_start = not len(history) and not len(context.session_rows)
 
@@ -179,4 +199,6 @@ class RankingPipeline:
             partial_reason=retrieved.partial_reason,
             removed_by_rules=outcome.removed,
             stage_ms=stage_ms,
+            timestamp=timestamp,
+            feature_values=features.values[outcome.selected],
         )

@@ -1,20 +1,32 @@
-"""The ranking gRPC server: Recommend."""
+"""The ranking gRPC server: Recommend and LogEvents."""
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from typing import Any
 
 import grpc
 from threadpoolctl import threadpool_limits
 
 from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
-from ranking_service.pipeline import RANKING_SERVICE, RankingPipeline, RecommendQuery
+from ranking_service.capture import CaptureWriter
+from ranking_service.online import OnlineEvent, OnlineStateUnavailable, OnlineUserState, online_user_state
+from ranking_service.pipeline import (
+    MAX_ID_CHARS,
+    MAX_TIMESTAMP,
+    RANKING_SERVICE,
+    RankingPipeline,
+    Recommendation,
+    RecommendQuery,
+)
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient, ShardedRetrievalClient
 from shared.artifacts import current_version
 from shared.config import RankingSettings
-from shared.errors import Unimplemented, grpc_errors
+from shared.data import CART, PURCHASE, VIEW, WISHLIST
+from shared.errors import InvalidArgument, Unavailable, grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.logs import event
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
@@ -28,15 +40,29 @@ DEVICE_NAMES = {
     ranking_pb2.DEVICE_IOS: "ios",
     ranking_pb2.DEVICE_ANDROID: "android",
 }
+EVENT_CODES = {
+    ranking_pb2.EVENT_TYPE_VIEW: VIEW,
+    ranking_pb2.EVENT_TYPE_CART: CART,
+    ranking_pb2.EVENT_TYPE_PURCHASE: PURCHASE,
+    ranking_pb2.EVENT_TYPE_WISHLIST: WISHLIST,
+}
 # Time kept back from the caller's deadline for features, scoring and the reply.
 OWN_BUDGET_S = 0.02
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
-    def __init__(self, served: Reloadable[RankingPipeline], settings: RankingSettings) -> None:
+    def __init__(
+        self,
+        served: Reloadable[RankingPipeline],
+        settings: RankingSettings,
+        online: OnlineUserState,
+        capture: CaptureWriter | None = None,
+    ) -> None:
         # Each request takes the current pipeline once: a hot swap never changes it mid-request.
         self._served = served
         self._settings = settings
+        self._online = online
+        self._capture = capture
 
     def _retrieval_timeout(self, context: grpc.ServicerContext) -> float:
         """What is left of the caller's deadline minus our own budget; <= 0 means use the fallback."""
@@ -76,6 +102,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             removed_by_rules=result.removed_by_rules,
             stage_ms=result.stage_ms,
         )
+        if self._capture is not None:
+            self._capture.impression(impression_record(request_id, request.user_id, request.surface, result))
         return ranking_pb2.RecommendResponse(
             items=[
                 ranking_pb2.RecommendedItem(
@@ -101,7 +129,90 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     def LogEvents(  # noqa: N802 (gRPC method name)
         self, request: ranking_pb2.LogEventsRequest, context: grpc.ServicerContext
     ) -> ranking_pb2.LogEventsResponse:
-        raise Unimplemented("LogEvents is not served by this version yet")
+        events = validated_events(request, self._settings.max_events_per_batch, int(time.time()))
+        item_row = self._served.get().ranker.item_row
+        unknown = sum(1 for online_event in events if online_event.item_id not in item_row)
+        try:
+            self._online.append(events)
+        except OnlineStateUnavailable as error:
+            raise Unavailable(f"{error}; the batch was not acknowledged, retry it") from error
+        if self._capture is not None:
+            self._capture.events([event_record(online_event) for online_event in events])
+        event(log, "events logged", accepted=len(events), unknown_items=unknown)
+        return ranking_pb2.LogEventsResponse(accepted=len(events), unknown_items=unknown)
+
+
+def validated_events(request: ranking_pb2.LogEventsRequest, max_events: int, now: int) -> list[OnlineEvent]:
+    """The batch as online events, or InvalidArgument naming the first bad event's field."""
+    if len(request.events) > max_events:
+        raise InvalidArgument(f"events has {len(request.events)} events; at most {max_events} per call", field="events")
+    events: list[OnlineEvent] = []
+    for index, user_event in enumerate(request.events):
+        where = f"events[{index}]"
+        for name, value in (("user_id", user_event.user_id), ("item_id", user_event.item_id)):
+            if not value:
+                raise InvalidArgument(f"{where}.{name} is empty", field=f"{where}.{name}")
+            if len(value) > MAX_ID_CHARS:
+                raise InvalidArgument(
+                    f"{where}.{name} has {len(value)} characters; at most {MAX_ID_CHARS}", field=f"{where}.{name}"
+                )
+        code = EVENT_CODES.get(user_event.type)
+        if code is None:
+            raise InvalidArgument(
+                f"{where}.type is {user_event.type}; use VIEW, CART, PURCHASE or WISHLIST", field=f"{where}.type"
+            )
+        if not 0 <= user_event.timestamp <= MAX_TIMESTAMP:
+            raise InvalidArgument(
+                f"{where}.timestamp must be unix seconds in 0..{MAX_TIMESTAMP} (0 = now), got {user_event.timestamp}",
+                field=f"{where}.timestamp",
+            )
+        if len(user_event.session_id) > MAX_ID_CHARS or len(user_event.request_id) > MAX_ID_CHARS:
+            field = "session_id" if len(user_event.session_id) > MAX_ID_CHARS else "request_id"
+            raise InvalidArgument(f"{where}.{field} has more than {MAX_ID_CHARS} characters", field=f"{where}.{field}")
+        events.append(
+            OnlineEvent(
+                user_id=user_event.user_id,
+                item_id=user_event.item_id,
+                event_code=code,
+                timestamp=user_event.timestamp or now,
+                device=DEVICE_NAMES.get(user_event.device, ""),
+                session_id=user_event.session_id,
+                request_id=user_event.request_id,
+            )
+        )
+    return events
+
+
+def event_record(online_event: OnlineEvent) -> dict[str, Any]:
+    return {"record": "event", "logged_at_ms": int(time.time() * 1000), **online_event.__dict__}
+
+
+def impression_record(request_id: str, user_id: str, surface: str, result: Recommendation) -> dict[str, Any]:
+    """One served answer for the impression log (feature rows in FEATURE_NAMES order)."""
+    values = result.feature_values
+    return {
+        "record": "impression",
+        "request_id": request_id,
+        "user_id": user_id,
+        "timestamp": result.timestamp,
+        "served_at_ms": int(time.time() * 1000),
+        "surface": surface,
+        # The experiment variant (filled once experiments run).
+        "variant": "",
+        "model_version": result.model_version,
+        "index_version": result.index_version,
+        "cold_start": result.cold_start,
+        "degraded": bool(result.degraded_reason),
+        "items": [
+            {
+                "item_id": item.item_id,
+                "position": position,
+                "score": item.score,
+                "features": values[position].tolist() if values is not None else [],
+            }
+            for position, item in enumerate(result.items)
+        ],
+    }
 
 
 def start_ranking_server(settings: RankingSettings) -> RunningServer:
@@ -128,8 +239,11 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
             settings.retrieval_lb_policy,
         )
 
+    online = online_user_state(settings.online_state)
+    capture = CaptureWriter(settings.capture) if settings.capture.enabled else None
+
     def load(version: str | None) -> RankingPipeline:
-        return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings)
+        return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings, online)
 
     served = Reloadable(
         SERVICE_NAME,
@@ -138,9 +252,21 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
         lambda pipeline: pipeline.ranker.version,
         lambda: current_version(settings.artifacts, RANKER_ARTIFACT),
     )
-    return start_server(
-        SERVICE_NAME,
-        lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(served, settings), server),
-        settings,
-        served,
-    )
+    try:
+        running = start_server(
+            SERVICE_NAME,
+            lambda server: ranking_pb2_grpc.add_RankingServicer_to_server(
+                RankingServicer(served, settings, online, capture), server
+            ),
+            settings,
+            served,
+        )
+    except BaseException:
+        online.close()
+        if capture is not None:
+            capture.close()
+        raise
+    if capture is not None:
+        running.on_stop.append(capture.close)
+    running.on_stop.append(online.close)
+    return running

@@ -142,6 +142,9 @@ class RankerBuildSettings(BaseModel):
     min_data_in_leaf: int = Field(50, ge=1)
     early_stopping_rounds: int = Field(30, ge=1)
     seed: int = 7
+    # train-ranker --from-logs: an event labels an impression of the same user and item when
+    # it comes after the impression and at most this long after it.
+    log_label_window_s: int = Field(86_400, ge=1)
 
 
 class ServerSettings(BaseModel):
@@ -195,6 +198,40 @@ class RetrievalSettings(ServerSettings):
         return self
 
 
+class OnlineStateSettings(BaseModel):
+    """Where LogEvents keeps the events newer than the ranker snapshot (ranking_service/online.py)."""
+
+    # "memory": in this process (lost on restart; one replica). "redis": shared by every
+    # replica and kept across restarts (make Redis durable: appendonly yes).
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = Field("vitrine:events:", min_length=1)
+    # Newest events kept per user; older ones are in the next snapshot or forgotten.
+    max_events_per_user: int = Field(500, ge=1)
+    # A user's online events expire this long after their last event (Redis only).
+    ttl_s: int = Field(30 * 86_400, ge=1)
+    connect_timeout_s: float = Field(0.5, gt=0)
+    # Per Redis command; a Recommend waits at most this long before answering without them.
+    socket_timeout_s: float = Field(0.25, gt=0)
+    # Retries of a failed Redis command (connection errors, timeouts) before giving up.
+    retries: int = Field(1, ge=0, le=10)
+
+
+class CaptureSettings(BaseModel):
+    """Training data capture (ranking_service/capture.py): served impressions and logged
+    events as JSON lines, for ``vitrine train-ranker --from-logs``."""
+
+    enabled: bool = False
+    directory: Path = Path("capture")
+    # Start a new file once the current one has this many bytes.
+    rotate_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # The background writer flushes at least this often.
+    flush_interval_s: float = Field(1.0, gt=0)
+    # Records waiting for the writer; beyond this a record is dropped (and counted), the
+    # request is never blocked.
+    queue_size: int = Field(10_000, ge=1)
+
+
 class RankingSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535)
     metrics_port: int | None = Field(9152, ge=0, le=65535)
@@ -224,6 +261,10 @@ class RankingSettings(ServerSettings):
     # Compile the ranker's trees (lleaves) in the background after loading and use them once
     # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
     compiled_trees: bool = True
+    # LogEvents: at most this many events per call.
+    max_events_per_batch: int = Field(1000, ge=1)
+    online_state: OnlineStateSettings = OnlineStateSettings()
+    capture: CaptureSettings = CaptureSettings()
 
 
 class BenchSettings(BaseModel):

@@ -47,6 +47,8 @@ class RunningServer:
     metrics: MetricsEndpoint | None = None
     # Set on stop: background threads (artifact watchers) end with the server.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Run after the last in-flight call ended (flush logs, close clients), in order.
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def metrics_port(self) -> int | None:
@@ -61,6 +63,8 @@ class RunningServer:
         self.set_serving(False)
         self.stopping.set()
         self.server.stop(self.grace_period_s).wait()
+        for hook in self.on_stop:
+            hook()
         if self.metrics is not None:
             self.metrics.close()
         event(log, "server stopped", service=self.service_name, port=self.port)
