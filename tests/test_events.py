@@ -1,0 +1,373 @@
+"""LogEvents, online user state (in process and in a real redis-server), training capture.
+
+Real servers on loopback: a ranking server of this module's own (so its events never
+reach the session's shared ranking server) in front of the session's retrieval server.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from ranking_service.online import InMemoryUserState, OnlineEvent, merged_history, redacted_url
+from ranking_service.server import start_ranking_server
+from ranking_service.store import UserHistory
+from shared.config import CaptureSettings, OnlineStateSettings, RankingSettings
+from shared.data import CART, EVENT_CODE, EVENT_TYPES, PURCHASE, VIEW, WISHLIST, Dataset
+from shared.grpc_server import RunningServer
+from shared.interactions import event_intent, event_labels, event_weights
+from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
+from tests.conftest import BuiltArtifacts, Servers, users_by_activity
+
+MAX_BATCH = 20
+
+
+def _now(dataset: Dataset) -> int:
+    return int(dataset.events.timestamp.max()) + 60
+
+
+@dataclass
+class Ranking:
+    server: RunningServer
+    stub: ranking_pb2_grpc.RankingStub
+    channel: grpc.Channel
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop()
+
+
+def start_ranking(
+    artifacts: BuiltArtifacts,
+    servers: Servers,
+    online: OnlineStateSettings | None = None,
+    capture: CaptureSettings | None = None,
+) -> Ranking:
+    server = start_ranking_server(
+        RankingSettings(
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            reload_poll_s=0,
+            compiled_trees=False,
+            retrieval_target=f"127.0.0.1:{servers.retrieval_server.port}",
+            max_k=50,
+            max_events_per_batch=MAX_BATCH,
+            online_state=online or OnlineStateSettings(),
+            capture=capture or CaptureSettings(),
+        )
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    return Ranking(server, ranking_pb2_grpc.RankingStub(channel), channel)
+
+
+@pytest.fixture(scope="module")
+def ranking(artifacts: BuiltArtifacts, servers: Servers) -> Iterator[Ranking]:
+    running = start_ranking(artifacts, servers)
+    yield running
+    running.close()
+
+
+def recommend(
+    stub: ranking_pb2_grpc.RankingStub, user_id: str, k: int, timestamp: int
+) -> ranking_pb2.RecommendResponse:
+    context = ranking_pb2.RequestContext(timestamp=timestamp, device=ranking_pb2.DEVICE_WEB)
+    return stub.Recommend(ranking_pb2.RecommendRequest(user_id=user_id, k=k, context=context), timeout=10)
+
+
+def user_event(user_id: str, item_id: str, kind: int, timestamp: int, request_id: str = "") -> ranking_pb2.UserEvent:
+    return ranking_pb2.UserEvent(
+        user_id=user_id,
+        item_id=item_id,
+        type=kind,  # type: ignore[arg-type]
+        timestamp=timestamp,
+        device=ranking_pb2.DEVICE_WEB,
+        request_id=request_id,
+    )
+
+
+def log_events(stub: ranking_pb2_grpc.RankingStub, *events: ranking_pb2.UserEvent) -> ranking_pb2.LogEventsResponse:
+    return stub.LogEvents(ranking_pb2.LogEventsRequest(events=list(events)), timeout=10)
+
+
+def ids(response: ranking_pb2.RecommendResponse) -> list[str]:
+    return [item.item_id for item in response.items]
+
+
+# -- wishlist: the event code mapping -------------------------------------------------------
+
+
+def test_wishlist_is_appended_and_ranked_between_view_and_cart() -> None:
+    # Codes are stored in artifacts (ranker event snapshots): the old ones must not move.
+    assert EVENT_TYPES[:3] == ("view", "cart", "purchase")
+    assert (VIEW, CART, PURCHASE, WISHLIST) == (0, 1, 2, 3)
+    assert EVENT_CODE["wishlist"] == WISHLIST
+    codes = np.asarray([VIEW, WISHLIST, CART, PURCHASE], dtype=np.int8)
+    for ordered in (event_weights(codes), event_intent(codes)):
+        assert np.all(np.diff(ordered) > 0), ordered
+    # Max-intent values of the three old types are what rankers trained before wishlist saw.
+    assert event_intent(np.asarray([VIEW, CART, PURCHASE], np.int8)).tolist() == [1.0, 2.0, 3.0]
+    assert event_labels(codes).tolist() == [1, 1, 2, 3]
+
+
+# -- online state units -----------------------------------------------------------------------
+
+
+def test_in_memory_state_is_bounded_thread_safe_and_newest_first() -> None:
+    state = InMemoryUserState(max_events_per_user=50)
+
+    def writer(offset: int) -> None:
+        for i in range(100):
+            state.append([OnlineEvent("u", f"i{i}", VIEW, 1000 + offset * 1000 + i)])
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    recent = state.recent("u", since=0)
+    assert len(recent) == 50
+    assert [e.timestamp for e in recent] == sorted((e.timestamp for e in recent), reverse=True)
+    assert state.recent("u", since=10_000) == []
+    assert state.recent("nobody", since=0) == []
+
+
+def test_merged_history_puts_known_online_events_first() -> None:
+    snapshot = UserHistory(
+        np.asarray([5, 6], np.int32), np.asarray([VIEW, PURCHASE], np.int8), np.asarray([90, 80], np.int64)
+    )
+    online = [
+        OnlineEvent("u", "b", CART, 120),
+        OnlineEvent("u", "a", VIEW, 110),
+        OnlineEvent("u", "unknown", PURCHASE, 130),  # not in the snapshot's catalogue
+        OnlineEvent("u", "a", PURCHASE, 500),  # after the request time
+    ]
+    merged = merged_history(snapshot, online, {"a": 1, "b": 2}, before=200)
+    assert merged.item_rows.tolist() == [2, 1, 5, 6]
+    assert merged.event_codes.tolist() == [CART, VIEW, VIEW, PURCHASE]
+    assert merged.timestamps.tolist() == [120, 110, 90, 80]
+
+
+def test_redis_url_password_is_redacted() -> None:
+    assert redacted_url("redis://:secret@cache:6379/0") == "redis://:***@cache:6379/0"
+    assert redacted_url("redis://app:secret@cache/1") == "redis://app:***@cache/1"
+    assert redacted_url("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+# -- LogEvents through a real server ------------------------------------------------------------
+
+
+def test_logged_purchase_removes_the_item_and_shifts_the_next_answer(ranking: Ranking, dataset: Dataset) -> None:
+    user = users_by_activity(dataset)[11]
+    now = _now(dataset)
+    before = recommend(ranking.stub, user, 10, now)
+    assert not before.cold_start
+    bought = before.items[0].item_id
+    response = log_events(ranking.stub, user_event(user, bought, ranking_pb2.EVENT_TYPE_PURCHASE, now))
+    assert (response.accepted, response.unknown_items) == (1, 0)
+    after = recommend(ranking.stub, user, 10, now + 1)
+    assert bought not in ids(after)
+    # Not just the old list minus the item: the purchase moved the query and the features.
+    assert ids(after)[:9] != ids(before)[1:10]
+    # The same request time as the purchase sees it too ("within the same second").
+    assert bought not in ids(recommend(ranking.stub, user, 10, now))
+
+
+def test_views_make_a_cold_start_user_warm_and_change_the_answer(ranking: Ranking, dataset: Dataset) -> None:
+    user = "events-new-user-views"
+    now = _now(dataset)
+    cold = recommend(ranking.stub, user, 10, now)
+    assert cold.cold_start
+    catalog = dataset.catalog
+    in_stock = catalog.stock > 0
+    # The category least represented in the cold answer: views of it must show.
+    cold_categories = [item.category for item in cold.items]
+    category = min(np.unique(catalog.categories).tolist(), key=cold_categories.count)
+    viewed = catalog.item_ids[(catalog.categories == category) & in_stock][:4].tolist()
+    views = [user_event(user, item, ranking_pb2.EVENT_TYPE_VIEW, now - 10 + i) for i, item in enumerate(viewed)]
+    response = log_events(ranking.stub, *views)
+    assert response.accepted == len(viewed)
+    warm = recommend(ranking.stub, user, 10, now)
+    assert not warm.cold_start
+    assert ids(warm) != ids(cold)
+    share = np.mean([item.category == category for item in warm.items])
+    assert share >= 0.5, f"after viewing {category} items, {share:.0%} of the answer is {category}"
+
+
+def test_unknown_items_and_wishlist_are_accepted_and_counted(ranking: Ranking, dataset: Dataset) -> None:
+    item = str(dataset.catalog.item_ids[0])
+    response = log_events(
+        ranking.stub,
+        user_event("events-unknown-items", "upserted-after-the-build", ranking_pb2.EVENT_TYPE_VIEW, 0),
+        user_event("events-unknown-items", item, ranking_pb2.EVENT_TYPE_WISHLIST, 0),
+    )
+    assert (response.accepted, response.unknown_items) == (2, 1)
+    # Timestamp 0 is "now" on the server clock: a request at the current time sees the wishlist add.
+    assert not recommend(ranking.stub, "events-unknown-items", 5, 0).cold_start
+
+
+def _violation(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    detail = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(detail)
+    return str(detail.field_violations[0].field)
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "fragment"),
+    [
+        (ranking_pb2.UserEvent(item_id="x", type=ranking_pb2.EVENT_TYPE_VIEW), "events[3].user_id", "is empty"),
+        (ranking_pb2.UserEvent(user_id="u", type=ranking_pb2.EVENT_TYPE_VIEW), "events[3].item_id", "is empty"),
+        (ranking_pb2.UserEvent(user_id="u", item_id="x"), "events[3].type", "VIEW, CART"),
+        (
+            ranking_pb2.UserEvent(user_id="u", item_id="x", type=ranking_pb2.EVENT_TYPE_VIEW, timestamp=-5),
+            "events[3].timestamp",
+            "unix seconds",
+        ),
+        (
+            ranking_pb2.UserEvent(user_id="u", item_id="x", type=ranking_pb2.EVENT_TYPE_VIEW, timestamp=10**13),
+            "events[3].timestamp",
+            "unix seconds",
+        ),
+        (
+            ranking_pb2.UserEvent(user_id="u" * 300, item_id="x", type=ranking_pb2.EVENT_TYPE_VIEW),
+            "events[3].user_id",
+            "at most 256",
+        ),
+    ],
+)
+def test_a_bad_event_rejects_the_whole_batch(
+    ranking: Ranking, dataset: Dataset, bad: ranking_pb2.UserEvent, field: str, fragment: str
+) -> None:
+    user = users_by_activity(dataset)[12]
+    now = _now(dataset)
+    top = recommend(ranking.stub, user, 5, now).items[0].item_id
+    good = [user_event(user, top, ranking_pb2.EVENT_TYPE_PURCHASE, now)] * 3
+    with pytest.raises(grpc.RpcError) as caught:
+        log_events(ranking.stub, *good, bad)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in str(caught.value.details())
+    assert fragment in str(caught.value.details())
+    assert _violation(caught.value) == field
+    # Nothing of the batch was stored: the purchase at index 0 does not exclude the item.
+    assert recommend(ranking.stub, user, 5, now).items[0].item_id == top
+
+
+def test_too_many_events_is_invalid_argument(ranking: Ranking) -> None:
+    batch = [user_event("u", "x", ranking_pb2.EVENT_TYPE_VIEW, 0)] * (MAX_BATCH + 1)
+    with pytest.raises(grpc.RpcError) as caught:
+        log_events(ranking.stub, *batch)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_BATCH}" in str(caught.value.details())
+    assert _violation(caught.value) == "events"
+
+
+# -- Redis ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free port, append-only file on, no snapshots."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    port = _free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
+    process = subprocess.Popen(
+        [*command, "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail(f"redis-server on port {port} did not start")
+            time.sleep(0.05)
+    client.close()
+    yield RedisServer(url, process)
+    process.terminate()
+    process.wait(10)
+
+
+def test_redis_keeps_acknowledged_events_across_a_ranking_restart(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, redis_server: RedisServer
+) -> None:
+    online = OnlineStateSettings(backend="redis", redis_url=redis_server.url, max_events_per_user=10)
+    user = users_by_activity(dataset)[13]
+    now = _now(dataset)
+    first = start_ranking(artifacts, servers, online)
+    try:
+        before = recommend(first.stub, user, 10, now)
+        bought = before.items[0].item_id
+        extra = [user_event(user, f"unknown-{i}", ranking_pb2.EVENT_TYPE_VIEW, now - 100 + i) for i in range(12)]
+        assert log_events(first.stub, *extra).unknown_items == 12
+        assert log_events(first.stub, user_event(user, bought, ranking_pb2.EVENT_TYPE_PURCHASE, now)).accepted == 1
+        assert bought not in ids(recommend(first.stub, user, 10, now))
+    finally:
+        first.close()
+    key = f"{online.key_prefix}{user}"
+    check = redis.Redis.from_url(redis_server.url)
+    try:
+        assert check.llen(key) == 10, "the per-user list is capped"
+        assert 0 < check.ttl(key) <= online.ttl_s
+    finally:
+        check.close()
+    second = start_ranking(artifacts, servers, online)
+    try:
+        assert bought not in ids(recommend(second.stub, user, 10, now))
+    finally:
+        second.close()
+
+
+def test_redis_unreachable_fails_log_events_but_not_recommend(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset
+) -> None:
+    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    online = OnlineStateSettings(backend="redis", redis_url=url, connect_timeout_s=0.2, socket_timeout_s=0.2)
+    running = start_ranking(artifacts, servers, online)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            log_events(running.stub, user_event("u", "x", ranking_pb2.EVENT_TYPE_VIEW, 0))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = str(caught.value.details())
+        assert redacted_url(url) in details
+        assert "hunter2" not in details
+        user = users_by_activity(dataset)[14]
+        response = recommend(running.stub, user, 10, _now(dataset))
+        assert len(response.items) == 10
+        assert not response.cold_start
+    finally:
+        running.close()
