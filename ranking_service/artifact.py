@@ -180,3 +180,38 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
     )
     event(log, "ranker artifact loaded", version=artifact.version, items=len(items), users=len(loaded.histories))
     return loaded
+
+
+@dataclass(frozen=True)
+class RankerSnapshot:
+    """What a ranker artifact holds besides its model: the item table and the event
+    snapshot (``vitrine train-ranker --from-logs`` builds the next artifact on them)."""
+
+    version: str
+    items: ItemTable
+    user_ids: np.ndarray
+    events: Events
+    snapshot_at: int
+    params: dict[str, Any]
+
+
+def load_ranker_snapshot(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> RankerSnapshot:
+    artifact = open_artifact(root, name, KIND, version)
+    items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
+    timestamps = artifact.load_array("events/timestamp.npy")
+    events = Events(
+        user_index=artifact.load_array("events/user_index.npy"),
+        item_index=artifact.load_array("events/item_index.npy"),
+        event_code=artifact.load_array("events/event_code.npy"),
+        timestamp=timestamps,
+        device=np.zeros(len(timestamps), dtype="<U1"),
+        session_id=np.zeros(len(timestamps), dtype="<U1"),
+    )
+    return RankerSnapshot(
+        version=artifact.version,
+        items=items,
+        user_ids=artifact.load_array("events/user_ids.npy"),
+        events=events,
+        snapshot_at=int(artifact.params["snapshot_at"]),
+        params=artifact.params,
+    )

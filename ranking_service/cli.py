@@ -9,13 +9,27 @@ from shared.cli import Command, CommandRegistry, add_label_split_argument, add_s
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="dataset directory")
+    parser.add_argument("--data", type=Path, default=None, help="dataset directory (required without --from-logs)")
     parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/ranker/<version>/")
     parser.add_argument(
         "--retrieval",
-        required=True,
+        default=None,
         help="HOST:PORT of a retrieval service serving an index built without the label events "
-        "(build-index --without-ranker-labels, or --cutoff)",
+        "(build-index --without-ranker-labels, or --cutoff); required without --from-logs",
+    )
+    parser.add_argument(
+        "--from-logs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="train on the impressions and events a ranking server captured (ranking.capture.directory) "
+        "instead of replaying a dataset; items and history come from the current ranker in --out",
+    )
+    parser.add_argument(
+        "--base-version",
+        default=None,
+        help="with --from-logs: the ranker version whose items and event snapshot the new one builds on "
+        "(default: CURRENT)",
     )
     parser.add_argument(
         "--cutoff", type=int, default=None, help="label events are those from this unix time on (default: settings)"
@@ -23,7 +37,21 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     add_label_split_argument(parser)
 
 
+def _run_train_from_logs(args: argparse.Namespace) -> int:
+    from ranking_service.training import train_ranker_from_logs
+    from shared.config import load_settings
+
+    settings = load_settings()
+    artifact = train_ranker_from_logs(args.from_logs, args.out, settings.ranker_build, args.base_version)
+    print(f"ranker {artifact.version}: {artifact.path}  {artifact.metrics}")
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    if args.from_logs is not None:
+        return _run_train_from_logs(args)
+    if args.data is None or args.retrieval is None:
+        raise SystemExit("train-ranker: --data and --retrieval are required (or train with --from-logs DIR)")
     from ranking_service.retrieval_client import RetrievalClient
     from ranking_service.store import item_table
     from ranking_service.training import train_ranker_artifact

@@ -27,15 +27,16 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from ranking_service.artifact import write_ranker_artifact
+from ranking_service.artifact import RankerSnapshot, load_ranker_snapshot, write_ranker_artifact
 from ranking_service.candidates import CandidateStage
+from ranking_service.capture import EVENTS, IMPRESSIONS, read_records
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
 from shared.config import RankerBuildSettings, RankingSettings
-from shared.data import Dataset
-from shared.interactions import event_labels, ranker_label_mask
+from shared.data import Catalog, Dataset, DatasetError, Events, Users
+from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
 from shared.logs import event
 from shared.metrics import mean, ndcg_at_k
 
@@ -247,6 +248,16 @@ def compare_on_holdout(booster: lgb.Booster, holdout: RankingData) -> dict[str, 
     }
 
 
+def importance_and_trim(booster: lgb.Booster) -> dict[str, float]:
+    """Gain per feature; then the model is cut to its best iteration (early stopping)."""
+    importance = dict(
+        zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True)
+    )
+    if booster.best_iteration:
+        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
+    return importance
+
+
 def train_ranker_artifact(
     dataset: Dataset,
     content_vectors: npt.NDArray[np.float32],
@@ -297,11 +308,7 @@ def train_ranker_artifact(
         **compare_on_holdout(booster, holdout),
         "train_seconds": round(time.perf_counter() - started, 2),
     }
-    importance = dict(
-        zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True)
-    )
-    if booster.best_iteration:
-        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
+    importance = importance_and_trim(booster)
     snapshot_at = int(dataset.events.timestamp.max()) + 1
     params = {
         "dataset": dataset.name,
@@ -312,3 +319,191 @@ def train_ranker_artifact(
         "feature_importance_gain": importance,
     }
     return write_ranker_artifact(root, booster, items, dataset, snapshot_at, params, metrics)
+
+
+# -- training from captured logs (vitrine train-ranker --from-logs) -----------------------------
+
+
+class CaptureError(DatasetError):
+    """Captured logs that cannot become a training set."""
+
+
+@dataclass(frozen=True)
+class LoggedRequest:
+    request_id: str
+    user_id: str
+    # The served items' logged feature rows (FEATURE_NAMES order) and graded labels.
+    features: npt.NDArray[np.float32]
+    labels: npt.NDArray[np.int32]
+
+
+def logged_requests(
+    impressions: list[dict[str, Any]], events: list[dict[str, Any]], window_s: int
+) -> list[LoggedRequest]:
+    """Impressions joined with the events that followed them.
+
+    An event of the same user and item labels an impression when it came after it: its
+    timestamp is later than the impression's and at most ``window_s`` later, or it names
+    the impression's request_id (the caller says it followed that answer). An event at or
+    before the impression's time never labels it (no leakage). Labels: purchase 3 > cart 2
+    > wishlist, view 1 > nothing 0; several events keep the highest.
+    """
+    outcomes: dict[tuple[str, str], list[tuple[int, int, str]]] = {}
+    for record in events:
+        key = (str(record["user_id"]), str(record["item_id"]))
+        outcomes.setdefault(key, []).append(
+            (int(record["timestamp"]), int(record["event_code"]), str(record.get("request_id", "")))
+        )
+    requests: list[LoggedRequest] = []
+    for impression in impressions:
+        items = impression.get("items") or []
+        if not items:
+            continue
+        user_id, request_id, shown_at = (
+            str(impression["user_id"]),
+            str(impression["request_id"]),
+            int(impression["timestamp"]),
+        )
+        features = np.asarray([item["features"] for item in items], dtype=np.float32)
+        if features.shape != (len(items), len(FEATURE_NAMES)):
+            raise CaptureError(
+                f"impression {request_id}: feature rows of shape {features.shape}, expected "
+                f"({len(items)}, {len(FEATURE_NAMES)})"
+            )
+        labels = np.zeros(len(items), dtype=np.int32)
+        for position, item in enumerate(items):
+            for timestamp, code, event_request in outcomes.get((user_id, str(item["item_id"])), ()):
+                if event_request == request_id or shown_at < timestamp <= shown_at + window_s:
+                    labels[position] = max(int(labels[position]), EVENT_LABEL.get(code, 0))
+        requests.append(LoggedRequest(request_id, user_id, features, labels))
+    return requests
+
+
+def _ranking_data(requests: list[LoggedRequest]) -> RankingData:
+    data = RankingData(features=[], labels=[], all_labels=[])
+    for request in requests:
+        data.requests += 1
+        relevant = int((request.labels > 0).sum())
+        data.relevant_total += relevant
+        data.relevant_retrieved += relevant
+        if not relevant:
+            continue
+        data.with_relevant_candidate += 1
+        data.features.append(request.features)
+        data.labels.append(request.labels)
+        data.all_labels.append(request.labels[request.labels > 0])
+    return data
+
+
+def snapshot_with_logged_events(snapshot: RankerSnapshot, events: list[dict[str, Any]]) -> tuple[Dataset, int]:
+    """The base artifact's event snapshot plus the logged events after it (known items only),
+    as a dataset for :func:`write_ranker_artifact`, and the new snapshot time."""
+    items = snapshot.items
+    item_row = items.row_of()
+    user_ids = snapshot.user_ids.tolist()
+    user_row = {user_id: row for row, user_id in enumerate(user_ids)}
+    new_events = [
+        record
+        for record in events
+        if str(record["item_id"]) in item_row and int(record["timestamp"]) >= snapshot.snapshot_at
+    ]
+    for record in new_events:
+        user_id = str(record["user_id"])
+        if user_id not in user_row:
+            user_row[user_id] = len(user_ids)
+            user_ids.append(user_id)
+    base = snapshot.events
+    logged_times = np.asarray([int(r["timestamp"]) for r in new_events], dtype=np.int64)
+    user_index = np.concatenate(
+        [base.user_index, np.asarray([user_row[str(r["user_id"])] for r in new_events], dtype=np.int32)]
+    )
+    item_index = np.concatenate(
+        [base.item_index, np.asarray([item_row[str(r["item_id"])] for r in new_events], dtype=np.int32)]
+    )
+    codes = np.concatenate([base.event_code, np.asarray([int(r["event_code"]) for r in new_events], np.int8)])
+    timestamps = np.concatenate([base.timestamp, logged_times])
+    order = np.argsort(timestamps, kind="stable")
+    combined = Events(
+        user_index=user_index[order],
+        item_index=item_index[order],
+        event_code=codes[order],
+        timestamp=timestamps[order],
+        device=np.zeros(len(order), dtype="<U1"),
+        session_id=np.zeros(len(order), dtype="<U1"),
+    )
+    n_items = len(items)
+    catalog = Catalog(
+        item_ids=items.item_ids,
+        titles=items.titles,
+        descriptions=np.full(n_items, "", dtype="<U1"),
+        brands=items.brands,
+        categories=items.categories,
+        prices=items.prices,
+        stock=items.stock,
+        created_at=items.created_at,
+    )
+    users = Users(user_ids=np.asarray(user_ids, dtype=np.str_), created_at=np.zeros(len(user_ids), np.int64))
+    name = f"{snapshot.params.get('dataset', 'unknown')}+logs"
+    snapshot_at = max(snapshot.snapshot_at, int(logged_times.max()) + 1 if len(logged_times) else 0)
+    return Dataset(name=name, catalog=catalog, users=users, events=combined), snapshot_at
+
+
+def train_ranker_from_logs(
+    logs: Path, root: Path, settings: RankerBuildSettings, base_version: str | None = None
+) -> Artifact:
+    """Train on captured impressions labelled by the events that followed them; write a
+    ranker artifact on the base artifact's items and event snapshot (plus the logged events)."""
+    started = time.perf_counter()
+    try:
+        impressions = read_records(logs, IMPRESSIONS)
+        events = read_records(logs, EVENTS)
+    except ValueError as error:
+        raise CaptureError(str(error)) from error
+    if not impressions:
+        raise CaptureError(f"{logs}: no impression records (ranking.capture.enabled writes them)")
+    requests = logged_requests(impressions, events, settings.log_label_window_s)
+    holdout_of = {
+        request.request_id: (zlib.crc32(request.user_id.encode()) % 1000) < settings.holdout_users * 1000
+        for request in requests
+    }
+    train = _ranking_data([r for r in requests if not holdout_of[r.request_id]])
+    holdout = _ranking_data([r for r in requests if holdout_of[r.request_id]])
+    if len(train.labels) < 20:
+        raise CaptureError(
+            f"{logs}: only {len(train.labels)} training impressions have an item with a later event "
+            f"(within {settings.log_label_window_s} s); log more traffic and events"
+        )
+    event(
+        log,
+        "training from logs",
+        impressions=len(impressions),
+        events=len(events),
+        train_requests=train.requests,
+        labelled=train.with_relevant_candidate,
+    )
+    booster, lgb_params = fit_ranker(train, settings)
+    metrics: dict[str, Any] = {
+        "train_requests": train.requests,
+        "train_requests_with_relevant_candidate": train.with_relevant_candidate,
+        **compare_on_holdout(booster, holdout),
+        "train_seconds": 0.0,
+    }
+    importance = importance_and_trim(booster)
+    snapshot = load_ranker_snapshot(root, version=base_version)
+    dataset, snapshot_at = snapshot_with_logged_events(snapshot, events)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 2)
+    params = {
+        "dataset": dataset.name,
+        "source": "logs",
+        "logs": str(logs),
+        "base_version": snapshot.version,
+        "impressions": len(impressions),
+        "logged_events": len(events),
+        "label_window_s": settings.log_label_window_s,
+        # Co-interaction features must stay as the base computed them (the logged values came from it).
+        "ranker_build": snapshot.params.get("ranker_build"),
+        "from_logs_settings": settings.model_dump(),
+        "lightgbm": lgb_params,
+        "feature_importance_gain": importance,
+    }
+    return write_ranker_artifact(root, booster, snapshot.items, dataset, snapshot_at, params, metrics)

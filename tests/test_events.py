@@ -6,6 +6,7 @@ reach the session's shared ranking server) in front of the session's retrieval s
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -21,10 +23,15 @@ import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ranking_service.artifact import load_ranker_artifact
+from ranking_service.capture import header
+from ranking_service.features import FEATURE_NAMES
 from ranking_service.online import InMemoryUserState, OnlineEvent, merged_history, redacted_url
 from ranking_service.server import start_ranking_server
 from ranking_service.store import UserHistory
-from shared.config import CaptureSettings, OnlineStateSettings, RankingSettings
+from ranking_service.training import CaptureError, logged_requests, train_ranker_from_logs
+from shared.artifacts import current_version
+from shared.config import CaptureSettings, OnlineStateSettings, RankerBuildSettings, RankingSettings
 from shared.data import CART, EVENT_CODE, EVENT_TYPES, PURCHASE, VIEW, WISHLIST, Dataset
 from shared.grpc_server import RunningServer
 from shared.interactions import event_intent, event_labels, event_weights
@@ -371,3 +378,100 @@ def test_redis_unreachable_fails_log_events_but_not_recommend(
         assert not response.cold_start
     finally:
         running.close()
+
+
+# -- capture and train-ranker --from-logs ------------------------------------------------------------
+
+
+def test_an_event_before_the_impression_never_labels_it() -> None:
+    features = [[0.0] * len(FEATURE_NAMES)] * 3
+    impression = {
+        "request_id": "r1",
+        "user_id": "u",
+        "timestamp": 1000,
+        "items": [{"item_id": item, "position": p, "features": features[p]} for p, item in enumerate("abc")],
+    }
+    events = [
+        {"user_id": "u", "item_id": "a", "event_code": PURCHASE, "timestamp": 999},  # before: no label
+        {"user_id": "u", "item_id": "a", "event_code": VIEW, "timestamp": 1000},  # same second: no label
+        {"user_id": "u", "item_id": "b", "event_code": VIEW, "timestamp": 1001},
+        {"user_id": "u", "item_id": "b", "event_code": CART, "timestamp": 1500},
+        {"user_id": "u", "item_id": "c", "event_code": PURCHASE, "timestamp": 1000 + 7200},  # after the window
+        {"user_id": "other", "item_id": "c", "event_code": PURCHASE, "timestamp": 1001},  # another user
+    ]
+    (request,) = logged_requests([impression], events, window_s=3600)
+    assert request.labels.tolist() == [0, 2, 0]
+    # An event naming the impression follows it, whatever the clocks say.
+    events.append({"user_id": "u", "item_id": "c", "event_code": WISHLIST, "timestamp": 900, "request_id": "r1"})
+    (request,) = logged_requests([impression], events, window_s=3600)
+    assert request.labels.tolist() == [0, 2, 1]
+
+
+def test_logs_with_other_features_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "impressions"
+    folder.mkdir()
+    head = {**header("impressions"), "feature_names": [*FEATURE_NAMES[:-1], "renamed"]}
+    (folder / "impressions-1-1-000001.jsonl").write_text(json.dumps(head) + "\n")
+    with pytest.raises(CaptureError, match="this build computes"):
+        train_ranker_from_logs(tmp_path, tmp_path / "artifacts", RankerBuildSettings())
+
+
+def test_train_ranker_from_captured_logs_serves(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, tmp_path: Path
+) -> None:
+    capture_dir = tmp_path / "capture"
+    capture = CaptureSettings(enabled=True, directory=capture_dir, flush_interval_s=0.05, rotate_bytes=200_000)
+    running = start_ranking(artifacts, servers, capture=capture)
+    rng = np.random.default_rng(3)
+    now = _now(dataset)
+    outcome_types = [ranking_pb2.EVENT_TYPE_PURCHASE, ranking_pb2.EVENT_TYPE_CART, ranking_pb2.EVENT_TYPE_VIEW]
+    try:
+        for user in users_by_activity(dataset)[100:190]:
+            response = recommend(running.stub, user, 20, now)
+            positions = rng.choice(20, size=3, replace=False)
+            log_events(
+                running.stub,
+                *(
+                    user_event(user, response.items[int(p)].item_id, kind, now + 30 + i, response.request_id)
+                    for i, (p, kind) in enumerate(zip(positions, outcome_types, strict=True))
+                ),
+            )
+    finally:
+        running.close()  # flushes the capture files
+    impression_files = sorted((capture_dir / "impressions").glob("*.jsonl"))
+    assert len(impression_files) >= 2, "rotation starts new files"
+    lines = [json.loads(line) for line in impression_files[0].read_text().splitlines()]
+    assert lines[0]["feature_names"] == list(FEATURE_NAMES)
+    first = lines[1]
+    assert first["variant"] == ""
+    assert first["model_version"] == artifacts.ranker.version
+    assert [item["position"] for item in first["items"]] == list(range(20))
+    assert all(len(item["features"]) == len(FEATURE_NAMES) for item in first["items"])
+
+    # Train next to a copy of the served ranker, so the session's servers never see the new version.
+    root = tmp_path / "artifacts"
+    shutil.copytree(artifacts.root / "ranker", root / "ranker")
+    settings = RankerBuildSettings(min_data_in_leaf=10, num_trees=50)
+    trained = train_ranker_from_logs(capture_dir, root, settings)
+    assert trained.params["base_version"] == artifacts.ranker.version
+    assert trained.metrics["train_requests_with_relevant_candidate"] >= 20
+    loaded = load_ranker_artifact(root, version=trained.version)
+    assert loaded.snapshot_at > now  # the logged events are in the new snapshot
+    assert current_version(root, "ranker") == trained.version
+    served = start_ranking_server(
+        RankingSettings(
+            artifacts=root,
+            port=0,
+            metrics_port=None,
+            reload_poll_s=0,
+            compiled_trees=False,
+            retrieval_target=f"127.0.0.1:{servers.retrieval_server.port}",
+        )
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{served.port}") as channel:
+            response = recommend(ranking_pb2_grpc.RankingStub(channel), users_by_activity(dataset)[100], 10, now + 60)
+        assert response.model_version == trained.version
+        assert len(response.items) == 10
+    finally:
+        served.stop()
