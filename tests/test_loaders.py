@@ -414,7 +414,7 @@ def test_parquet_event_log(tmp_path: Path) -> None:
     assert dataset.catalog.item_ids.tolist() == ["100", "101"]
     assert dataset.catalog.prices.tolist() == [19.9, 1.0]
     assert result.report.dropped == {
-        "unknown event type (not view, cart, purchase or an alias)": 1,
+        "unknown event type (not view, cart, purchase, wishlist or an alias)": 1,
         "duplicate event (exact repeat)": 1,
         "missing price (set to 1.0)": 1,
     }
