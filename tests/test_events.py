@@ -23,6 +23,7 @@ import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from ranking_service.artifact import KIND as RANKER_KIND
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.capture import header
 from ranking_service.features import FEATURE_NAMES
@@ -30,7 +31,8 @@ from ranking_service.online import InMemoryUserState, OnlineEvent, merged_histor
 from ranking_service.server import start_ranking_server
 from ranking_service.store import UserHistory
 from ranking_service.training import CaptureError, logged_requests, train_ranker_from_logs
-from shared.artifacts import current_version
+from shared.artifacts import current_version, open_artifact
+from shared.cli import main
 from shared.config import CaptureSettings, OnlineStateSettings, RankerBuildSettings, RankingSettings
 from shared.data import CART, EVENT_CODE, EVENT_TYPES, PURCHASE, VIEW, WISHLIST, Dataset
 from shared.grpc_server import RunningServer
@@ -407,17 +409,20 @@ def test_an_event_before_the_impression_never_labels_it() -> None:
     assert request.labels.tolist() == [0, 2, 1]
 
 
-def test_logs_with_other_features_are_refused(tmp_path: Path) -> None:
+def test_logs_with_other_features_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = tmp_path / "impressions"
     folder.mkdir()
     head = {**header("impressions"), "feature_names": [*FEATURE_NAMES[:-1], "renamed"]}
     (folder / "impressions-1-1-000001.jsonl").write_text(json.dumps(head) + "\n")
     with pytest.raises(CaptureError, match="this build computes"):
         train_ranker_from_logs(tmp_path, tmp_path / "artifacts", RankerBuildSettings())
+    # The command says what is wrong, without a traceback.
+    assert main(["train-ranker", "--from-logs", str(tmp_path), "--out", str(tmp_path / "artifacts")]) == 2
+    assert "this build computes" in capsys.readouterr().err
 
 
 def test_train_ranker_from_captured_logs_serves(
-    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, tmp_path: Path
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     capture_dir = tmp_path / "capture"
     capture = CaptureSettings(enabled=True, directory=capture_dir, flush_interval_s=0.05, rotate_bytes=200_000)
@@ -451,8 +456,11 @@ def test_train_ranker_from_captured_logs_serves(
     # Train next to a copy of the served ranker, so the session's servers never see the new version.
     root = tmp_path / "artifacts"
     shutil.copytree(artifacts.root / "ranker", root / "ranker")
-    settings = RankerBuildSettings(min_data_in_leaf=10, num_trees=50)
-    trained = train_ranker_from_logs(capture_dir, root, settings)
+    monkeypatch.setenv("VITRINE_RANKER_BUILD__MIN_DATA_IN_LEAF", "10")
+    monkeypatch.setenv("VITRINE_RANKER_BUILD__NUM_TREES", "50")
+    assert main(["train-ranker", "--from-logs", str(capture_dir), "--out", str(root)]) == 0
+    trained = open_artifact(root, "ranker", RANKER_KIND)
+    assert trained.version != artifacts.ranker.version
     assert trained.params["base_version"] == artifacts.ranker.version
     assert trained.metrics["train_requests_with_relevant_candidate"] >= 20
     loaded = load_ranker_artifact(root, version=trained.version)
