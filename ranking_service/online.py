@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
@@ -75,11 +75,13 @@ def _newest_first(events: Sequence[OnlineEvent], since: int) -> list[OnlineEvent
 
 
 class InMemoryUserState:
-    """Per-user bounded deques in this process; thread-safe."""
+    """Per-user bounded deques in this process, at most ``max_users`` users (the least
+    recently active is forgotten first); thread-safe."""
 
-    def __init__(self, max_events_per_user: int) -> None:
+    def __init__(self, max_events_per_user: int, max_users: int = 1_000_000) -> None:
         self._max = max_events_per_user
-        self._events: dict[str, deque[OnlineEvent]] = {}
+        self._max_users = max_users
+        self._events: OrderedDict[str, deque[OnlineEvent]] = OrderedDict()
         self._lock = threading.Lock()
 
     def append(self, events: Sequence[OnlineEvent]) -> None:
@@ -88,6 +90,10 @@ class InMemoryUserState:
                 queue = self._events.get(online_event.user_id)
                 if queue is None:
                     queue = self._events[online_event.user_id] = deque(maxlen=self._max)
+                    if len(self._events) > self._max_users:
+                        self._events.popitem(last=False)
+                else:
+                    self._events.move_to_end(online_event.user_id)
                 queue.append(online_event)
 
     def recent(self, user_id: str, since: int) -> list[OnlineEvent]:
@@ -170,7 +176,7 @@ class RedisUserState:
 def online_user_state(settings: OnlineStateSettings) -> OnlineUserState:
     if settings.backend == "redis":
         return RedisUserState(settings)
-    return InMemoryUserState(settings.max_events_per_user)
+    return InMemoryUserState(settings.max_events_per_user, settings.max_users)
 
 
 def merged_history(

@@ -208,6 +208,8 @@ class OnlineStateSettings(BaseModel):
     key_prefix: str = Field("vitrine:events:", min_length=1)
     # Newest events kept per user; older ones are in the next snapshot or forgotten.
     max_events_per_user: int = Field(500, ge=1)
+    # Memory backend: users kept; the least recently active one is forgotten first.
+    max_users: int = Field(1_000_000, ge=1)
     # A user's online events expire this long after their last event (Redis only).
     ttl_s: int = Field(30 * 86_400, ge=1)
     connect_timeout_s: float = Field(0.5, gt=0)

@@ -151,6 +151,10 @@ def test_in_memory_state_is_bounded_thread_safe_and_newest_first() -> None:
     assert [e.timestamp for e in recent] == sorted((e.timestamp for e in recent), reverse=True)
     assert state.recent("u", since=10_000) == []
     assert state.recent("nobody", since=0) == []
+    few_users = InMemoryUserState(max_events_per_user=5, max_users=2)
+    for user in ("a", "b", "a", "c"):  # "b" is the least recently active when "c" arrives
+        few_users.append([OnlineEvent(user, "i", VIEW, 1)])
+    assert [len(few_users.recent(user, since=0)) for user in ("a", "b", "c")] == [2, 0, 1]
 
 
 def test_merged_history_puts_known_online_events_first() -> None:
