@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,7 +31,12 @@ log = logging.getLogger(__name__)
 
 
 class OnlineStateUnavailable(Exception):
-    """The store could not be reached; the message names where it was looked for."""
+    """The store could not be reached; the message names where it was looked for.
+    ``quiet``: a known outage (reads paused), not worth another warning."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.quiet = quiet
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,8 @@ class RedisUserState:
     def __init__(self, settings: OnlineStateSettings) -> None:
         self._settings = settings
         self.url = redacted_url(settings.redis_url)
+        # Reads are skipped until then (monotonic clock) after a failure.
+        self._reads_paused_until = 0.0
         self._client = redis.Redis.from_url(
             settings.redis_url,
             socket_connect_timeout=settings.connect_timeout_s,
@@ -157,9 +165,12 @@ class RedisUserState:
             raise OnlineStateUnavailable(f"online user state at {self.url} is unreachable: {error}") from error
 
     def recent(self, user_id: str, since: int) -> list[OnlineEvent]:
+        if time.monotonic() < self._reads_paused_until:
+            raise OnlineStateUnavailable(f"online user state at {self.url}: reads paused after a failure", quiet=True)
         try:
             records = self._client.lrange(self._key(user_id), 0, -1)
         except redis.RedisError as error:
+            self._reads_paused_until = time.monotonic() + self._settings.read_backoff_s
             raise OnlineStateUnavailable(f"online user state at {self.url} is unreachable: {error}") from error
         parsed: list[OnlineEvent] = []
         for record in records:
@@ -220,6 +231,12 @@ def with_online_events(
     try:
         online = state.recent(user_id, since=snapshot_at)
     except OnlineStateUnavailable as error:
-        event(log, "online user state unavailable; using the snapshot history", level=logging.WARNING, error=str(error))
+        if not error.quiet:
+            event(
+                log,
+                "online user state unavailable; using the snapshot history",
+                level=logging.WARNING,
+                error=str(error),
+            )
         return snapshot
     return merged_history(snapshot, online, item_row, before)

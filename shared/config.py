@@ -217,6 +217,9 @@ class OnlineStateSettings(BaseModel):
     socket_timeout_s: float = Field(0.25, gt=0)
     # Retries of a failed Redis command (connection errors, timeouts) before giving up.
     retries: int = Field(1, ge=0, le=10)
+    # After a failed read, Recommends skip Redis for this long (snapshot history only), so a
+    # hung Redis costs one request a timeout, not every request. LogEvents always tries.
+    read_backoff_s: float = Field(1.0, ge=0)
 
 
 class CaptureSettings(BaseModel):

@@ -487,3 +487,32 @@ def test_train_ranker_from_captured_logs_serves(
         assert len(response.items) == 10
     finally:
         served.stop()
+
+
+def test_a_hung_redis_costs_one_recommend_a_timeout_not_every_one(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset
+) -> None:
+    """A Redis that accepts connections and never answers: the first Recommend waits for the
+    socket timeout and answers from the snapshot; the next ones skip Redis (read backoff)."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+        online = OnlineStateSettings(
+            backend="redis", redis_url=url, socket_timeout_s=0.3, retries=0, read_backoff_s=30.0
+        )
+        running = start_ranking(artifacts, servers, online)
+        try:
+            user, now = users_by_activity(dataset)[15], _now(dataset)
+            timings = []
+            for _ in range(4):
+                started = time.perf_counter()
+                assert len(recommend(running.stub, user, 10, now).items) == 10
+                timings.append(time.perf_counter() - started)
+            assert timings[0] >= 0.3
+            assert max(timings[1:]) < 0.3, timings
+            with pytest.raises(grpc.RpcError) as caught:
+                log_events(running.stub, user_event(user, "x", ranking_pb2.EVENT_TYPE_VIEW, 0))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            running.close()
