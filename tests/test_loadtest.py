@@ -35,7 +35,7 @@ from tests.conftest import TEST_DATA, BuiltArtifacts, Servers
 def test_headless_run_against_real_servers(servers: Servers, artifacts: BuiltArtifacts, tmp_path: Path) -> None:
     scenario = Scenario(
         name="smoke",
-        rpcs=RpcMix(recommend=0.7, similar_items=0.3),
+        rpcs=RpcMix(recommend=0.6, similar_items=0.25, log_events=0.15),
         users=4,
         rate=40.0,
         duration_s=3.0,
@@ -58,7 +58,7 @@ def test_headless_run_against_real_servers(servers: Servers, artifacts: BuiltArt
     assert 20 <= result.requests <= 130, result
     assert result.errors == 0, result.errors_by_status
     assert result.errors_by_status == {}
-    assert {rpc.rpc for rpc in result.per_rpc} == {"Recommend", "SimilarItems"}
+    assert {rpc.rpc for rpc in result.per_rpc} == {"Recommend", "SimilarItems", "LogEvents"}
     assert all(rpc.requests > 0 and rpc.errors == 0 for rpc in result.per_rpc)
     assert result.degraded == 0
     assert result.partial == 0
@@ -69,7 +69,7 @@ def test_headless_run_against_real_servers(servers: Servers, artifacts: BuiltArt
     assert 0 < result.client_cpu_share < 1.5
     # Locust's own statistics saw the same calls, plus at most one per user still finishing at the stop.
     entries = json.loads((tmp_path / "smoke.locust.json").read_text())
-    assert {entry["name"] for entry in entries} == {"Recommend", "SimilarItems"}
+    assert {entry["name"] for entry in entries} == {"Recommend", "SimilarItems", "LogEvents"}
     assert sum(entry["num_failures"] for entry in entries) == 0
     recorded = result.requests + result.warmup_requests
     assert recorded <= sum(entry["num_requests"] for entry in entries) <= recorded + scenario.users

@@ -1,4 +1,4 @@
-"""Locust users that call Vitrine's real gRPC stubs (Ranking.Recommend, Retrieval.SimilarItems).
+"""Locust users that call Vitrine's real gRPC stubs (Ranking.Recommend and LogEvents, Retrieval.SimilarItems).
 
 Run by ``python -m deploy.loadtest`` (headless, one locust process per scenario), or by
 hand with locust's web UI::
@@ -59,6 +59,9 @@ from shared.security import ClientTlsSettings  # noqa: E402
 # balancer in front of several pods would see a single client.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
 _DEVICES = (ranking_pb2.DEVICE_WEB, ranking_pb2.DEVICE_IOS, ranking_pb2.DEVICE_ANDROID)
+# What a shop's event stream looks like: mostly views, some carts, few purchases.
+_EVENT_TYPES = (ranking_pb2.EVENT_TYPE_VIEW, ranking_pb2.EVENT_TYPE_CART, ranking_pb2.EVENT_TYPE_PURCHASE)
+_EVENT_TYPE_WEIGHTS = (0.85, 0.1, 0.05)
 
 
 def _settings() -> LoadTestSettings:
@@ -225,7 +228,7 @@ class VitrineClient(User):
     def _recommend(self) -> tuple[int, int]:
         if self.rng.random() < SETTINGS.unknown_user_share:
             self.unknown_users += 1
-            user, session = f"loadtest-new-{self.number}-{self.unknown_users}", []
+            user, session = self._visitor(), []
         else:
             user = self.rng.choice(IDS.users)
             session = IDS.sessions.get(user, [])[: SETTINGS.session_items]
@@ -250,9 +253,35 @@ class VitrineClient(User):
         )
         return response.ByteSize(), 0
 
+    def _visitor(self) -> str:
+        """A visitor the service had no history for: LogEvents writes their events and
+        Recommend reads them back (the online-state path), without touching the history of
+        real users that other runs against the same servers may rely on."""
+        return f"loadtest-new-{self.number}-{self.rng.randrange(SETTINGS.visitors_per_client)}"
+
+    def _log_events(self) -> tuple[int, int]:
+        user = self._visitor()
+        session = f"loadtest-{self.number}-{self.rng.getrandbits(32):08x}"
+        device = self.rng.choice(_DEVICES)
+        request = ranking_pb2.LogEventsRequest(
+            events=[
+                ranking_pb2.UserEvent(
+                    user_id=user,
+                    item_id=self.rng.choice(IDS.items),
+                    type=self.rng.choices(_EVENT_TYPES, weights=_EVENT_TYPE_WEIGHTS)[0],
+                    device=device,
+                    session_id=session,
+                )
+                for _ in range(SETTINGS.events_per_call)
+            ]
+        )
+        response = self.channels.ranking.LogEvents(request, timeout=SETTINGS.timeout_s, metadata=RANKING_METADATA)
+        return response.ByteSize(), 0
+
     def _task(self) -> None:
         rpc = self.rng.choices(self.rpc_names, weights=self.rpc_weights)[0]
-        self._call(rpc, self._recommend if rpc == "Recommend" else self._similar_items)
+        send = {"Recommend": self._recommend, "SimilarItems": self._similar_items, "LogEvents": self._log_events}[rpc]
+        self._call(rpc, send)
 
     tasks = [_task]  # noqa: RUF012 (locust's own declaration)
 

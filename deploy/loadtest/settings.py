@@ -33,24 +33,25 @@ ScenarioName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,39}$")]
 class RpcMix(BaseModel):
     """Relative weights of the RPCs one simulated client calls (0 leaves an RPC out).
 
-    The API has no event-logging RPC yet (no ``LogEvents`` in protos/vitrine/v1), so the
-    mix is of the two read paths a shop calls: Ranking.Recommend and Retrieval.SimilarItems.
+    The two read paths a shop calls (Ranking.Recommend, Retrieval.SimilarItems) and the
+    write path its event pipeline calls (Ranking.LogEvents: what users just did).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     recommend: float = Field(1.0, ge=0)
     similar_items: float = Field(0.0, ge=0)
+    log_events: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _something(self) -> RpcMix:
-        if self.recommend + self.similar_items <= 0:
+        if self.recommend + self.similar_items + self.log_events <= 0:
             raise ValueError("every RPC weight is 0: the scenario would send nothing")
         return self
 
     def weights(self) -> dict[str, float]:
         """RPC name -> weight, only the RPCs that are called."""
-        pairs = {"Recommend": self.recommend, "SimilarItems": self.similar_items}
+        pairs = {"Recommend": self.recommend, "SimilarItems": self.similar_items, "LogEvents": self.log_events}
         return {name: weight for name, weight in pairs.items() if weight > 0}
 
 
@@ -125,8 +126,8 @@ def default_scenarios() -> list[Scenario]:
         Scenario(
             name="mixed",
             kind="steady",
-            description="70% Recommend, 30% SimilarItems at a constant target rate",
-            rpcs=RpcMix(recommend=0.7, similar_items=0.3),
+            description="60% Recommend, 25% SimilarItems, 15% LogEvents at a constant target rate",
+            rpcs=RpcMix(recommend=0.6, similar_items=0.25, log_events=0.15),
             users=8,
             rate=50.0,
             duration_s=20.0,
@@ -176,8 +177,12 @@ class LoadTestSettings(FileAndEnvSettings):
     timeout_s: float = Field(2.0, gt=0)
     k: int = Field(10, ge=1)
     similar_n: int = Field(20, ge=1)
-    # Share of Recommend calls for users the service has never seen (cold start).
+    # Events per LogEvents call (one user's recent views, carts, purchases).
+    events_per_call: int = Field(3, ge=1, le=1000)
+    # Share of Recommend calls for visitors the snapshot has never seen (cold start until
+    # LogEvents, which writes only for these visitors, gives them online history).
     unknown_user_share: float = Field(0.05, ge=0, le=1)
+    visitors_per_client: int = Field(20, ge=1)
     # Items of the user's own history sent as session context (0: no session context).
     session_items: int = Field(3, ge=0, le=100)
     seed: int = 7
