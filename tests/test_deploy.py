@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -137,9 +138,11 @@ def test_the_expected_objects_exist(rendered: tuple[str, Path]) -> None:
         assert len(retrieval) > 1
     else:
         assert set(retrieval) == {"vitrine-retrieval"}
-    for kind in ("Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget"):
         assert set(_by_kind(objects, kind)) == set(retrieval) | set(ranking), kind
-    assert set(_by_kind(objects, "NetworkPolicy")) == {"vitrine-retrieval", "vitrine-ranking"}
+    assert set(_by_kind(objects, "Service")) == set(retrieval) | set(ranking) | {"vitrine-redis"}
+    assert set(_by_kind(objects, "StatefulSet")) == {"vitrine-redis"}
+    assert set(_by_kind(objects, "NetworkPolicy")) == {"vitrine-retrieval", "vitrine-ranking", "vitrine-redis"}
     assert "vitrine-config" in _by_kind(objects, "ConfigMap")
     for name in retrieval:
         assert _by_kind(objects, "Service")[name]["spec"]["clusterIP"] == "None"  # headless
@@ -252,6 +255,29 @@ def test_only_ranking_reaches_retrieval(rendered: tuple[str, Path], tmp_path: Pa
     assert grpc_rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "vitrine-ranking"}}}]
     assert _pods_selected(objects, grpc_rule["from"][0]["podSelector"]["matchLabels"]) == {"vitrine-ranking"}
     assert grpc_rule["ports"] == [{"port": settings.retrieval.port, "protocol": "TCP"}]
+
+
+def test_ranking_replicas_share_online_state_that_only_they_reach(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    """Several ranking pods: LogEvents on one must be seen by Recommend on another, so the
+    online state is the Redis of redis.yaml (durable), and only ranking pods reach it."""
+    objects = _objects(rendered[1])
+    settings = _settings_of(_by_kind(objects, "Deployment")["vitrine-ranking"], _config_file(objects, tmp_path))
+    state = settings.ranking.online_state
+    assert state.backend == "redis"
+    url = urlsplit(state.redis_url)
+    service = _by_kind(objects, "Service")["vitrine-redis"]["spec"]
+    assert (url.hostname, url.port) == ("vitrine-redis", service["ports"][0]["port"])
+    redis = _by_kind(objects, "StatefulSet")["vitrine-redis"]["spec"]
+    pod_labels = redis["template"]["metadata"]["labels"]
+    assert _selects(service["selector"], pod_labels)
+    args = redis["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always"
+    policy = _by_kind(objects, "NetworkPolicy")["vitrine-redis"]["spec"]
+    assert _selects(policy["podSelector"]["matchLabels"], pod_labels)
+    (rule,) = policy["ingress"]
+    assert _pods_selected(objects, rule["from"][0]["podSelector"]["matchLabels"]) == {"vitrine-ranking"}
+    assert rule["ports"] == [{"port": service["ports"][0]["port"], "protocol": "TCP"}]
 
 
 def test_dockerfile_targets_run_registered_commands() -> None:
