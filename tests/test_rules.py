@@ -1,33 +1,254 @@
-"""Business rules after the model."""
+"""Business rules after the model: each rule component on hand-made arrays, then the chain."""
 
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
+import pytest
 
-from ranking_service.rules import RuleInput, apply_rules
+from ranking_service.rules import (
+    AllowedBrands,
+    Boosts,
+    BrandBoundary,
+    Candidates,
+    ExcludeIds,
+    ExcludeSeen,
+    MaxPerBrand,
+    MaxPerCategory,
+    Mmr,
+    OutOfStock,
+    Pins,
+    Ranked,
+    RuleContext,
+    apply_chain,
+    build_chain,
+    merge_rules,
+    parse_overrides,
+)
+from ranking_service.store import ItemTable, UserHistory
+from shared.config import RankingSettings, RulesOverrides, RulesSettings
+from shared.data import PURCHASE, VIEW
+from shared.errors import InvalidArgument
+
+NOW = 1_000_000
+DAY = 86_400
+BRANDS = ["Acme", "Acme", "Bolt", "Bolt", "Cora", "Cora", "Dune", "Dune"]
+CATEGORIES = ["tools", "tools", "tools", "garden", "garden", "kitchen", "kitchen", "kitchen"]
 
 
-def test_filters_then_top_k_by_score() -> None:
-    rows = np.array([10, 11, 12, 13, 14, 15], dtype=np.int32)
-    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], dtype=np.float32)
-    stock = np.ones(20, dtype=np.int64)
-    stock[13] = 0
-    outcome = apply_rules(
-        RuleInput(
-            rows, scores, purchased_rows=np.array([10], np.int32), excluded_rows=np.array([12], np.int32), stock=stock
-        ),
-        k=2,
+def _vectors() -> npt.NDArray[np.float16]:
+    # Items 0-3 nearly identical (one direction), 4-7 each in its own direction.
+    vectors = np.zeros((8, 8), dtype=np.float32)
+    vectors[:4, 0] = 1.0
+    vectors[:4, 1] = np.linspace(0.0, 0.1, 4)
+    for row in range(4, 8):
+        vectors[row, row] = 1.0
+    unit: npt.NDArray[np.float16] = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    return unit
+
+
+def _items() -> ItemTable:
+    brands = np.asarray(BRANDS)
+    categories = np.asarray(CATEGORIES)
+    return ItemTable(
+        item_ids=np.asarray([f"i{row}" for row in range(8)]),
+        titles=np.asarray([f"Item {row}" for row in range(8)]),
+        brands=brands,
+        categories=categories,
+        category_codes=np.unique(categories, return_inverse=True)[1].astype(np.int32),
+        brand_codes=np.unique(brands, return_inverse=True)[1].astype(np.int32),
+        prices=np.ones(8),
+        stock=np.ones(8, dtype=np.int64),
+        created_at=np.zeros(8, dtype=np.int64),
+        content_vectors=_vectors(),
     )
-    assert rows[outcome.selected].tolist() == [11, 14]
-    assert outcome.removed == {"already_purchased": 1, "excluded_by_request": 1, "out_of_stock": 1}
 
 
-def test_fewer_survivors_than_k() -> None:
-    rows = np.array([1, 2], dtype=np.int32)
-    outcome = apply_rules(
-        RuleInput(
-            rows, np.array([0.1, 0.2], np.float32), np.array([1], np.int32), np.zeros(0, np.int32), np.ones(3, np.int64)
-        ),
-        k=5,
+ITEMS = _items()
+ITEM_ROW = ITEMS.row_of()
+
+
+def _candidates(scores: list[float] | None = None, stock: list[int] | None = None) -> Candidates:
+    """All 8 items as candidates, scored 8, 7, ... 1 (row 0 best) unless told otherwise."""
+    values = scores if scores is not None else [8.0 - row for row in range(8)]
+    return Candidates(
+        rows=np.arange(8, dtype=np.int32),
+        scores=np.asarray(values, dtype=np.float32),
+        stock=np.asarray(stock if stock is not None else [1] * 8, dtype=np.int64),
     )
-    assert rows[outcome.selected].tolist() == [2]
+
+
+def _context(
+    k: int = 8,
+    history: UserHistory | None = None,
+    session: list[int] | None = None,
+    excluded: list[int] | None = None,
+) -> RuleContext:
+    return RuleContext(
+        items=ITEMS,
+        history=history or UserHistory.empty(),
+        session_rows=np.asarray(session or [], dtype=np.int32),
+        excluded_rows=np.asarray(excluded or [], dtype=np.int32),
+        now=NOW,
+        k=k,
+    )
+
+
+def _ranked(candidates: Candidates) -> Ranked:
+    return Ranked(np.argsort(-candidates.scores, kind="stable").astype(np.int64), candidates.scores)
+
+
+def _order(ranked: Ranked) -> list[int]:
+    return [int(position) for position in ranked.order]
+
+
+def test_exclude_seen_by_type_and_window() -> None:
+    history = UserHistory(
+        item_rows=np.asarray([1, 2, 3], np.int32),
+        event_codes=np.asarray([VIEW, PURCHASE, PURCHASE], np.int8),
+        timestamps=np.asarray([NOW - DAY, NOW - 2 * DAY, NOW - 100 * DAY], np.int64),
+    )
+    candidates = _candidates()
+    context = _context(history=history, session=[5])
+    forever = ExcludeSeen(("purchase",), 0).apply(_ranked(candidates), candidates, context)
+    assert _order(forever) == [0, 1, 4, 5, 6, 7]
+    recent = ExcludeSeen(("purchase",), 30).apply(_ranked(candidates), candidates, context)
+    assert _order(recent) == [0, 1, 3, 4, 5, 6, 7]
+    views = ExcludeSeen(("view",), 0).apply(_ranked(candidates), candidates, context)
+    assert _order(views) == [0, 2, 3, 4, 6, 7]  # a session item counts as viewed now
+
+
+def test_exclude_ids_and_out_of_stock() -> None:
+    candidates = _candidates(stock=[1, 0, 1, 1, 1, 1, 0, 1])
+    context = _context(excluded=[2, 7])
+    assert _order(ExcludeIds().apply(_ranked(candidates), candidates, context)) == [0, 1, 3, 4, 5, 6]
+    assert _order(OutOfStock().apply(_ranked(candidates), candidates, context)) == [0, 2, 3, 4, 5, 7]
+
+
+def test_allowed_brands_keeps_only_those() -> None:
+    candidates = _candidates()
+    kept = AllowedBrands(frozenset({"Cora", "Dune"})).apply(_ranked(candidates), candidates, _context())
+    assert _order(kept) == [4, 5, 6, 7]
+
+
+def test_boosts_multiply_scores_also_negative_ones() -> None:
+    candidates = _candidates(scores=[-1.0, -1.5, -2.0, -2.5, -3.0, -3.5, -4.0, -4.5])
+    boosted = Boosts({"i7": 100.0}, {"Bolt": 0.1}, {}).apply(_ranked(candidates), candidates, _context())
+    # i7: -4.5 + ln 100 = 0.1 -> first; Bolt (rows 2, 3) - ln 10 -> below every other item.
+    assert _order(boosted) == [7, 0, 1, 4, 5, 6, 2, 3]
+    assert boosted.scores[7] == pytest.approx(-4.5 + np.log(100.0), abs=1e-5)
+
+
+def test_brand_boundary_higher_scored_group_wins() -> None:
+    rule = BrandBoundary(
+        {"luxury": frozenset({"Cora"}), "budget": frozenset({"Acme", "Bolt"})}, (("luxury", "budget"),)
+    )
+    candidates = _candidates()
+    assert _order(rule.apply(_ranked(candidates), candidates, _context())) == [0, 1, 2, 3, 6, 7]
+    # Cora first: the budget brands go.
+    cora_first = _candidates(scores=[1, 2, 3, 4, 9, 5, 0, 0])
+    assert _order(rule.apply(_ranked(cora_first), cora_first, _context())) == [4, 5, 6, 7]
+
+
+def test_caps_keep_the_best_per_brand_and_category() -> None:
+    candidates = _candidates()
+    assert _order(MaxPerBrand(1).apply(_ranked(candidates), candidates, _context())) == [0, 2, 4, 6]
+    assert _order(MaxPerCategory(2).apply(_ranked(candidates), candidates, _context())) == [0, 1, 3, 4, 5, 6]
+    # A pinned item neither counts nor is dropped.
+    pinned = MaxPerBrand(1, frozenset({1})).apply(_ranked(candidates), candidates, _context())
+    assert _order(pinned) == [0, 1, 2, 4, 6]
+
+
+def test_mmr_spreads_near_duplicates() -> None:
+    candidates = _candidates(scores=[1.0, 0.99, 0.98, 0.97, 0.5, 0.45, 0.4, 0.35])
+    by_score = Mmr(1.0, 3).apply(_ranked(candidates), candidates, _context(k=4))
+    assert _order(by_score)[:4] == [0, 1, 2, 3]
+    diverse = Mmr(0.5, 3).apply(_ranked(candidates), candidates, _context(k=4))
+    assert _order(diverse)[0] == 0
+    assert set(_order(diverse)[1:4]) <= {4, 5, 6, 7}
+    assert sorted(_order(diverse)) == list(range(8))
+
+
+def test_pins_land_at_their_positions() -> None:
+    candidates = _candidates()
+    pinned = Pins({7: 0, 6: 2, 5: 100}).apply(_ranked(candidates), candidates, _context())
+    assert _order(pinned) == [7, 0, 6, 1, 2, 3, 4, 5]
+
+
+def test_chain_order_and_effects() -> None:
+    settings = RulesSettings(
+        exclude_seen_types=["purchase"],
+        allowed_brands=["Acme", "Bolt", "Cora"],
+        boosts=[{"item_id": "i5", "multiplier": 1000.0}],
+        max_per_brand=1,
+        pins=[{"item_id": "i3", "position": 1}],
+    )
+    history = UserHistory(np.asarray([0], np.int32), np.asarray([PURCHASE], np.int8), np.asarray([NOW], np.int64))
+    outcome = apply_chain(
+        build_chain(settings, ITEM_ROW), _candidates(stock=[1, 1, 0, 1, 1, 1, 1, 1]), _context(k=3, history=history)
+    )
+    # Purchased 0 and out-of-stock 2 go, Dune (6, 7) is not allowed, i5 boosted to first,
+    # one per brand: Cora 5 then Acme 1 (Cora 4 goes); i3 pinned at 1, exempt from the cap.
+    assert outcome.selected.tolist() == [5, 3, 1]
+    effects = [(e.rule, e.removed, e.moved) for e in outcome.effects]
+    assert effects == [
+        ("exclude_seen", 1, 0),
+        ("exclude_ids", 0, 0),
+        ("out_of_stock", 1, 0),
+        ("allowed_brands", 2, 0),
+        ("boosts", 0, 3),  # [1, 3, 4] -> [5, 1, 3]
+        ("max_per_brand", 1, 0),
+        ("pins", 0, 2),  # [5, 1, 3] -> [5, 3, 1]
+    ]
+
+
+def test_default_chain_is_the_old_behaviour() -> None:
+    chain = build_chain(RulesSettings(), ITEM_ROW)
+    assert [rule.name for rule in chain] == ["exclude_seen", "exclude_ids", "out_of_stock"]
+    history = UserHistory(np.asarray([0], np.int32), np.asarray([PURCHASE], np.int8), np.asarray([0], np.int64))
+    outcome = apply_chain(
+        chain, _candidates(stock=[1, 1, 1, 0, 1, 1, 1, 1]), _context(k=2, history=history, excluded=[2])
+    )
+    assert outcome.selected.tolist() == [1, 4]
+    assert outcome.removed == {"exclude_seen": 1, "exclude_ids": 1, "out_of_stock": 1}
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mmr_lambda": 1.5}, "rules.mmr_lambda"),
+        ({"mmr_lambda": -0.1}, "rules.mmr_lambda"),
+        ({"max_per_brand": -1}, "rules.max_per_brand"),
+        ({"boosts": [{"brand": "Acme", "multiplier": 0.0}]}, "rules.boosts[0].multiplier"),
+        ({"boosts": [{"multiplier": 2.0}]}, "rules.boosts[0]"),
+        ({"pins": [{"item_id": "i1", "position": -1}]}, "rules.pins[0].position"),
+        ({"exclude_seen_types": ["bogus"]}, "rules.exclude_seen_types[0]"),
+    ],
+)
+def test_bad_overrides_name_the_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_overrides(fields)
+    assert caught.value.field == field
+    assert str(caught.value).startswith(field)
+
+
+def test_overrides_layer_in_order() -> None:
+    base = RulesSettings(max_per_brand=3, mmr_lambda=0.9)
+    merged = merge_rules(base, [RulesOverrides(max_per_brand=2), RulesOverrides(mmr_lambda=0.5)])
+    assert (merged.max_per_brand, merged.mmr_lambda, merged.exclude_seen_types) == (2, 0.5, ["purchase"])
+    with pytest.raises(InvalidArgument, match="pins"):
+        merge_rules(
+            base, [parse_overrides({"pins": [{"item_id": "a", "position": 1}, {"item_id": "b", "position": 1}]})]
+        )
+
+
+def test_config_is_checked_at_start() -> None:
+    with pytest.raises(ValueError, match="brand groups"):
+        RankingSettings(rules={"never_together": [["a", "b"]]})
+    with pytest.raises(ValueError, match=r"ranking\.surfaces\.home"):
+        RankingSettings(surfaces={"home": {"never_together": [["a", "b"]]}})
+    settings = RankingSettings(
+        rules={"brand_groups": {"a": ["A"], "b": ["B"]}},
+        surfaces={"home": {"never_together": [["a", "b"]]}},
+    )
+    assert settings.rules.merged(settings.surfaces["home"]).never_together == [("a", "b")]
