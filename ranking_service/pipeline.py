@@ -40,6 +40,11 @@ from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
 RANKING_SERVICE = "vitrine.v1.Ranking"
 
 MAX_SESSION_ITEMS = 50
+# allowed_brands: the best-selling items of those brands that join the candidates, x k
+# (retrieval's candidates may hold few or none of a surface's house brands).
+ALLOWED_BRAND_BACKFILL = 3
+# Popular items are scanned for allowed brands this many at a time.
+BACKFILL_SCAN = 8192
 MAX_ID_CHARS = 256
 # 3000-01-01: anything later is a unit mistake (milliseconds sent as seconds).
 MAX_TIMESTAMP = 32_503_680_000
@@ -109,6 +114,10 @@ class RankingPipeline:
         self._settings = settings
         self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
         self._features = FeatureBuilder(ranker.items, ranker.stats)
+        self._brand_code = {
+            str(brand): int(code)
+            for brand, code in zip(ranker.items.brands.tolist(), ranker.items.brand_codes.tolist(), strict=True)
+        }
         self.scorer = Scorer(ranker.booster, ranker.model_path, settings.predict_threads, settings.compiled_trees)
         # Experiment variants that pin another ranker version: its trees, by version.
         self._pinned_boosters = dict(pinned_boosters or {})
@@ -159,12 +168,31 @@ class RankingPipeline:
         ]
         return merge_rules(self._settings.rules, [layer for layer in layers if layer is not None])
 
-    def _with_pins(self, candidates: CandidateSet, rules: RulesSettings) -> CandidateSet:
-        """Pinned items retrieval did not propose join the candidates (scored, then filtered
-        like every other candidate)."""
+    def _allowed_brand_rows(self, brands: Sequence[str], k: int) -> npt.NDArray[np.int32]:
+        """The most popular in-stock items of ``brands``, at most ALLOWED_BRAND_BACKFILL x k."""
+        items = self.ranker.items
+        codes = [self._brand_code[brand] for brand in brands if brand in self._brand_code]
+        popular = self.ranker.stats.popular_rows
+        wanted = ALLOWED_BRAND_BACKFILL * k
+        found: list[npt.NDArray[np.int32]] = []
+        for start in range(0, len(popular) if codes else 0, BACKFILL_SCAN):
+            chunk = popular[start : start + BACKFILL_SCAN]
+            found.append(chunk[np.isin(items.brand_codes[chunk], codes) & (items.stock[chunk] > 0)])
+            if sum(len(rows) for rows in found) >= wanted:
+                break
+        return np.concatenate(found)[:wanted].astype(np.int32) if found else np.zeros(0, np.int32)
+
+    def _with_curated(self, candidates: CandidateSet, rules: RulesSettings, k: int) -> CandidateSet:
+        """Pinned items, and for allowed_brands the popular items of those brands, join the
+        candidates when retrieval did not propose them (scored, then filtered like the rest)."""
         row_of = self.ranker.item_row
         pinned = np.asarray([row_of[pin.item_id] for pin in rules.pins if pin.item_id in row_of], dtype=np.int32)
-        extra = pinned[~np.isin(pinned, candidates.rows)]
+        backfill = self._allowed_brand_rows(rules.allowed_brands, k) if rules.allowed_brands else pinned[:0]
+        backfill = backfill[~np.isin(backfill, pinned)]
+        extra = np.concatenate([pinned, backfill])
+        new = ~np.isin(extra, candidates.rows)
+        tags = [("pin",)] * len(pinned) + [("popular",)] * len(backfill)
+        extra = extra[new]
         if not len(extra):
             return candidates
         zeros = np.zeros(len(extra), np.float32)
@@ -174,7 +202,11 @@ class RankingPipeline:
             retrieval_scores=np.concatenate([candidates.retrieval_scores, zeros]),
             content_scores=np.concatenate([candidates.content_scores, zeros]),
             collaborative_scores=np.concatenate([candidates.collaborative_scores, zeros]),
-            sources=candidates.sources + (("pin",),) * len(extra) if candidates.sources else (),
+            sources=(
+                candidates.sources + tuple(tag for tag, keep in zip(tags, new.tolist(), strict=True) if keep)
+                if candidates.sources
+                else ()
+            ),
             anchor_rows=(
                 candidates.anchor_rows + (np.zeros(0, np.int32),) * len(extra) if candidates.anchor_rows else ()
             ),
@@ -230,7 +262,11 @@ class RankingPipeline:
             DEGRADED.labels(RANKING_SERVICE, retrieved.degraded_reason).inc()
         if retrieved.partial_reason:
             PARTIAL.labels(RANKING_SERVICE, retrieved.partial_reason).inc()
-        candidates = self._with_pins(retrieved.candidates, rules) if rules.pins else retrieved.candidates
+        candidates = (
+            self._with_curated(retrieved.candidates, rules, query.k)
+            if rules.pins or rules.allowed_brands
+            else retrieved.candidates
+        )
         features = self.features(history, context, candidates)
         lap("features")
         scores = scorer.predict(features.values)

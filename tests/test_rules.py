@@ -1,7 +1,11 @@
-"""Business rules after the model: each rule component on hand-made arrays, then the chain."""
+"""Business rules after the model: each rule component on hand-made arrays, the chain, then
+the rules through real servers on loopback (configured, per surface and per request)."""
 
 from __future__ import annotations
 
+import collections
+
+import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -27,8 +31,12 @@ from ranking_service.rules import (
 )
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings, RulesOverrides, RulesSettings
-from shared.data import PURCHASE, VIEW
+from shared.data import PURCHASE, VIEW, Dataset
 from shared.errors import InvalidArgument
+from shared.proto.vitrine.v1 import ranking_pb2
+from tests.conftest import BuiltArtifacts, Servers, users_by_activity
+from tests.fakes import HashingEmbedder
+from tests.ranking_helpers import ranking_server, recommend
 
 NOW = 1_000_000
 DAY = 86_400
@@ -252,3 +260,174 @@ def test_config_is_checked_at_start() -> None:
         surfaces={"home": {"never_together": [["a", "b"]]}},
     )
     assert settings.rules.merged(settings.surfaces["home"]).never_together == [("a", "b")]
+
+
+# -- through the real servers ------------------------------------------------------------------
+
+
+def _brands_in_answers(servers: Servers, dataset: Dataset, users: list[str], k: int) -> list[str]:
+    """Brands of the default answers to ``users``, most frequent first."""
+    counts: collections.Counter[str] = collections.Counter()
+    for user in users:
+        counts.update(item.brand for item in recommend(servers.ranking, dataset, user, k).items)
+    return [brand for brand, _ in counts.most_common()]
+
+
+def test_brand_boundary_is_never_violated_across_many_users(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset
+) -> None:
+    users = users_by_activity(dataset)[:190] + [f"new-user-{n}" for n in range(10)]
+    frequent = _brands_in_answers(servers, dataset, users[:40], 10)[:8]
+    groups = {"left": frequent[0::2], "right": frequent[1::2]}
+    rules = {"brand_groups": groups, "never_together": [["left", "right"]]}
+    violations_without = 0
+    removed = 0
+    with ranking_server(artifacts, servers, rules=rules) as stub:
+        for user in users:
+            with_rule = recommend(stub, dataset, user, 10)
+            brands = {item.brand for item in with_rule.items}
+            assert not (brands & set(groups["left"]) and brands & set(groups["right"])), (user, brands)
+            assert len(with_rule.items) == 10
+            effect = {e.rule: e for e in with_rule.rule_effects}["brand_boundary"]
+            removed += effect.removed
+            without = {item.brand for item in recommend(servers.ranking, dataset, user, 10).items}
+            violations_without += bool(without & set(groups["left"]) and without & set(groups["right"]))
+    print(f"\nbrand boundary: {violations_without}/{len(users)} default lists mix the groups; 0 with the rule")
+    assert violations_without >= 20, "the groups should meet in default answers, or the test proves nothing"
+    assert removed > 0
+
+
+def _pairwise_distance(vectors: npt.NDArray[np.float32]) -> float:
+    similarity = vectors @ vectors.T
+    upper = np.triu_indices(len(vectors), k=1)
+    return float(np.mean(1.0 - similarity[upper]))
+
+
+def test_mmr_raises_intra_list_diversity(servers: Servers, dataset: Dataset, embedder: HashingEmbedder) -> None:
+    vectors = embedder.encode(dataset.catalog.embedding_texts()).astype(np.float32)
+    row_of = dataset.catalog.index_of()
+    distances: dict[float, list[float]] = {1.0: [], 0.5: []}
+    for user in users_by_activity(dataset)[:80]:
+        for lam in distances:
+            response = recommend(servers.ranking, dataset, user, 10, rules=ranking_pb2.RuleOverrides(mmr_lambda=lam))
+            rows = [row_of[item.item_id] for item in response.items]
+            distances[lam].append(_pairwise_distance(vectors[rows]))
+            if lam < 1:
+                assert [e.rule for e in response.rule_effects][-1] == "mmr"
+    by_score, diverse = float(np.mean(distances[1.0])), float(np.mean(distances[0.5]))
+    print(f"\nmean pairwise content distance of the top 10: lambda=1 {by_score:.3f}, lambda=0.5 {diverse:.3f}")
+    assert diverse >= by_score * 1.05, (by_score, diverse)
+    assert np.mean(np.asarray(distances[0.5]) > np.asarray(distances[1.0])) >= 0.8
+
+
+def test_caps_hold(servers: Servers, dataset: Dataset) -> None:
+    for user in users_by_activity(dataset)[:20]:
+        response = recommend(
+            servers.ranking,
+            dataset,
+            user,
+            10,
+            rules=ranking_pb2.RuleOverrides(max_per_brand=1, max_per_category=3),
+        )
+        assert len(response.items) == 10
+        assert max(collections.Counter(item.brand for item in response.items).values()) == 1
+        assert max(collections.Counter(item.category for item in response.items).values()) <= 3
+        names = [e.rule for e in response.rule_effects]
+        assert names == ["exclude_seen", "exclude_ids", "out_of_stock", "max_per_brand", "max_per_category"]
+
+
+def test_pins_land_at_their_position_if_they_pass_the_filters(servers: Servers, dataset: Dataset) -> None:
+    user = users_by_activity(dataset)[4]
+    catalog = dataset.catalog
+    default = [item.item_id for item in recommend(servers.ranking, dataset, user, 10).items]
+    in_stock = [i for i in catalog.item_ids[catalog.stock > 0].tolist() if i not in default]
+    out_of_stock = str(catalog.item_ids[catalog.stock <= 0][0])
+    pins = [
+        ranking_pb2.Pin(item_id=in_stock[0], position=0),
+        ranking_pb2.Pin(item_id=default[8], position=3),
+        ranking_pb2.Pin(item_id=out_of_stock, position=5),
+    ]
+    response = recommend(servers.ranking, dataset, user, 10, rules=ranking_pb2.RuleOverrides(pins=pins))
+    ids = [item.item_id for item in response.items]
+    assert ids[0] == in_stock[0]
+    assert ids[3] == default[8]
+    assert out_of_stock not in ids
+    assert len(ids) == 10
+    assert len(set(ids)) == 10
+    effects = {e.rule: e for e in response.rule_effects}
+    assert effects["out_of_stock"].removed >= 1
+    assert effects["pins"].moved > 0
+    with pytest.raises(grpc.RpcError) as caught:
+        recommend(
+            servers.ranking,
+            dataset,
+            user,
+            10,
+            rules=ranking_pb2.RuleOverrides(pins=[ranking_pb2.Pin(item_id="no-such-item", position=0)]),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rules.pins[0].item_id" in str(caught.value.details())
+
+
+def test_boosts_move_items(servers: Servers, dataset: Dataset) -> None:
+    user = users_by_activity(dataset)[6]
+    default = recommend(servers.ranking, dataset, user, 30).items
+    target = default[20]
+    boost = ranking_pb2.Boost(item_id=target.item_id, multiplier=1e6)
+    response = recommend(servers.ranking, dataset, user, 10, rules=ranking_pb2.RuleOverrides(boosts=[boost]))
+    assert response.items[0].item_id == target.item_id
+    assert {e.rule: e for e in response.rule_effects}["boosts"].moved >= 1
+    # Lowering a brand sends it out of the top of the list.
+    brand = default[0].brand
+    lowered = recommend(
+        servers.ranking,
+        dataset,
+        user,
+        10,
+        rules=ranking_pb2.RuleOverrides(boosts=[ranking_pb2.Boost(brand=brand, multiplier=1e-6)]),
+    )
+    assert lowered.items[0].brand != brand
+
+
+def test_house_brand_surface_and_seen_exclusion(artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset) -> None:
+    house = _brands_in_answers(servers, dataset, users_by_activity(dataset)[:10], 10)[:3]
+    surfaces = {"house": {"allowed_brands": house}, "fresh": {"exclude_seen_types": ["view", "cart", "purchase"]}}
+    catalog = dataset.catalog
+    with ranking_server(artifacts, servers, surfaces=surfaces) as stub:
+        for user in users_by_activity(dataset)[:10]:
+            response = recommend(stub, dataset, user, 10, surface="house")
+            assert len(response.items) == 10
+            assert {item.brand for item in response.items} <= set(house)
+            assert {e.rule: e for e in response.rule_effects}["allowed_brands"].removed > 0
+            # Unknown surfaces get the default rules.
+            default = recommend(stub, dataset, user, 10, surface="no-such-surface")
+            assert "allowed_brands" not in [e.rule for e in default.rule_effects]
+        # Everything the user touched goes with "fresh"; the count reported covers what left.
+        user = users_by_activity(dataset)[0]
+        user_row = int(np.flatnonzero(dataset.users.user_ids == user)[0])
+        touched = set(catalog.item_ids[dataset.events.item_index[dataset.events.user_index == user_row]].tolist())
+        default_ids = [item.item_id for item in recommend(stub, dataset, user, 50).items]
+        fresh = recommend(stub, dataset, user, 50, surface="fresh")
+        assert not touched & {item.item_id for item in fresh.items}
+        assert {e.rule: e for e in fresh.rule_effects}["exclude_seen"].removed >= len(touched & set(default_ids)) > 0
+
+
+@pytest.mark.parametrize(
+    ("rules", "field"),
+    [
+        (ranking_pb2.RuleOverrides(mmr_lambda=1.5), "rules.mmr_lambda"),
+        (ranking_pb2.RuleOverrides(boosts=[ranking_pb2.Boost(brand="x", multiplier=0)]), "rules.boosts[0].multiplier"),
+        (ranking_pb2.RuleOverrides(max_per_brand=-2), "rules.max_per_brand"),
+        (
+            ranking_pb2.RuleOverrides(exclude_seen_types=[ranking_pb2.EVENT_TYPE_UNSPECIFIED]),
+            "rules.exclude_seen_types",
+        ),
+    ],
+)
+def test_bad_overrides_are_invalid_argument(
+    servers: Servers, dataset: Dataset, rules: ranking_pb2.RuleOverrides, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        recommend(servers.ranking, dataset, "u1", 5, rules=rules)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert str(caught.value.details()).startswith(field)
