@@ -111,10 +111,11 @@ def anchor_rows(
     candidates: CandidateSet,
     features: FeatureMatrix,
     user_rows: npt.NDArray[np.int32],
-    stats: ItemStats,
+    together: npt.NDArray[np.float32],
 ) -> tuple[int, ...]:
     """The history or session items (``user_rows``, newest first) that led to this candidate:
-    retrieval's anchors when it sent them, else the closest by content and by co-interaction."""
+    retrieval's anchors when it sent them, else the closest by content and by co-interaction
+    (``together``: the co-interaction of each of ``user_rows`` with this candidate)."""
     row = int(candidates.rows[position])
     mine = set(user_rows.tolist())
     found: list[int] = []
@@ -125,7 +126,6 @@ def anchor_rows(
         if closest >= 0 and closest != row:
             found.append(closest)
         if len(user_rows):
-            together = np.asarray(stats.co_interactions[user_rows][:, [row]].toarray()).ravel()
             best = int(np.argmax(together))
             if together[best] > 0 and int(user_rows[best]) != row:
                 found.append(int(user_rows[best]))
@@ -157,10 +157,12 @@ def explanations(
     contributions = np.asarray(
         booster.predict(features.values[positions], pred_contrib=True, num_threads=threads), dtype=np.float64
     )[:, : len(FEATURE_NAMES)]
+    # (user rows, selected): one sparse slice for the whole answer.
+    together = np.asarray(stats.co_interactions[user_rows][:, candidates.rows[positions]].toarray(), np.float32)
     result: list[Explanation] = []
     for line, position in enumerate(positions.tolist()):
         row = int(candidates.rows[position])
-        anchors = anchor_rows(position, candidates, features, user_rows, stats)
+        anchors = anchor_rows(position, candidates, features, user_rows, together[:, line])
         values = contributions[line]
         top = np.argsort(-np.abs(values), kind="stable")[:TOP_CONTRIBUTIONS]
         result.append(
