@@ -216,7 +216,7 @@ class BoostSettings(BaseModel):
     brand: str | None = None
     category: str | None = None
     # > 0: above 1 raises, below 1 lowers (applied as + ln(multiplier) to the ranker score).
-    multiplier: float = Field(gt=0)
+    multiplier: float = Field(gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_target(self) -> BoostSettings:
@@ -246,7 +246,7 @@ class RulesSettings(BaseModel):
     max_per_brand: int = Field(0, ge=0)
     max_per_category: int = Field(0, ge=0)
     # Maximal marginal relevance: 1 = by score only, lower = more diverse.
-    mmr_lambda: float = Field(1.0, ge=0, le=1)
+    mmr_lambda: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
     # MMR re-orders only the best mmr_pool_factor x k candidates (cost: k x pool dot products).
     mmr_pool_factor: int = Field(3, ge=1, le=20)
     pins: list[PinSettings] = Field(default_factory=list)
@@ -289,7 +289,7 @@ class RulesOverrides(BaseModel):
     never_together: list[tuple[str, str]] | None = None
     max_per_brand: int | None = Field(None, ge=0)
     max_per_category: int | None = Field(None, ge=0)
-    mmr_lambda: float | None = Field(None, ge=0, le=1)
+    mmr_lambda: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     mmr_pool_factor: int | None = Field(None, ge=1, le=20)
     pins: list[PinSettings] | None = None
 

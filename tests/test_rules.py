@@ -4,6 +4,7 @@ the rules through real servers on loopback (configured, per surface and per requ
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,7 +31,7 @@ from ranking_service.rules import (
     parse_overrides,
 )
 from ranking_service.store import ItemTable, UserHistory
-from shared.config import RankingSettings, RulesOverrides, RulesSettings
+from shared.config import RankingSettings, RulesOverrides, RulesSettings, load_settings
 from shared.data import PURCHASE, VIEW, Dataset
 from shared.errors import InvalidArgument
 from shared.proto.vitrine.v1 import ranking_pb2
@@ -226,6 +227,8 @@ def test_default_chain_is_the_old_behaviour() -> None:
     [
         ({"mmr_lambda": 1.5}, "rules.mmr_lambda"),
         ({"mmr_lambda": -0.1}, "rules.mmr_lambda"),
+        ({"mmr_lambda": float("nan")}, "rules.mmr_lambda"),
+        ({"boosts": [{"brand": "Acme", "multiplier": float("inf")}]}, "rules.boosts[0].multiplier"),
         ({"max_per_brand": -1}, "rules.max_per_brand"),
         ({"boosts": [{"brand": "Acme", "multiplier": 0.0}]}, "rules.boosts[0].multiplier"),
         ({"boosts": [{"multiplier": 2.0}]}, "rules.boosts[0]"),
@@ -248,6 +251,17 @@ def test_overrides_layer_in_order() -> None:
         merge_rules(
             base, [parse_overrides({"pins": [{"item_id": "a", "position": 1}, {"item_id": "b", "position": 1}]})]
         )
+
+
+def test_the_documented_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (Path(__file__).parent.parent / "docs" / "rules.md").read_text()
+    example = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "vitrine.yaml").write_text(example)
+    monkeypatch.setenv("VITRINE_CONFIG", str(tmp_path / "vitrine.yaml"))
+    ranking = load_settings().ranking
+    assert ranking.rules.never_together == [("luxury", "budget")]
+    assert set(ranking.surfaces) == {"house", "product_page", "home"}
+    assert [variant.name for variant in ranking.experiments.variants] == ["diverse", "old-ranker"]
 
 
 def test_config_is_checked_at_start() -> None:
