@@ -4,12 +4,16 @@ the rules through real servers on loopback (configured, per surface and per requ
 from __future__ import annotations
 
 import collections
+import math
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import numpy as np
 import numpy.typing as npt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ranking_service.rules import (
     AllowedBrands,
@@ -445,3 +449,80 @@ def test_bad_overrides_are_invalid_argument(
         recommend(servers.ranking, dataset, "u1", 5, rules=rules)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert str(caught.value.details()).startswith(field)
+
+
+INT32 = st.integers(-(2**31), 2**31 - 1)
+
+
+@st.composite
+def _overrides(draw: st.DrawFn, items: list[str], brands: list[str]) -> ranking_pb2.RuleOverrides:
+    def maybe(strategy: st.SearchStrategy[Any]) -> Any:
+        return draw(st.one_of(st.none(), strategy))
+
+    floats = st.one_of(st.floats(0, 1), st.floats(allow_nan=True, allow_infinity=True, width=32))
+    rules = ranking_pb2.RuleOverrides(
+        exclude_seen_types=cast(
+            "list[ranking_pb2.EventType.ValueType]", draw(st.lists(st.one_of(st.integers(0, 4), INT32), max_size=3))
+        ),
+        exclude_seen_window_days=maybe(st.one_of(st.integers(0, 400), INT32)),
+        exclude_out_of_stock=maybe(st.booleans()),
+        mmr_lambda=maybe(floats),
+        max_per_brand=maybe(st.one_of(st.integers(0, 5), INT32)),
+        max_per_category=maybe(st.one_of(st.integers(0, 5), INT32)),
+        allowed_brands=draw(st.lists(st.one_of(st.sampled_from(brands), st.text(max_size=5)), max_size=3)),
+        pins=[
+            ranking_pb2.Pin(item_id=item, position=position)
+            for item, position in draw(
+                st.lists(st.tuples(st.sampled_from(items), st.one_of(st.integers(0, 12), INT32)), max_size=3)
+            )
+        ],
+    )
+    for target, value, multiplier in draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["item_id", "brand", "category", ""]),
+                st.one_of(st.sampled_from(items), st.sampled_from(brands)),
+                st.one_of(st.floats(0.01, 100), st.floats(allow_nan=True, allow_infinity=True, width=32)),
+            ),
+            max_size=3,
+        )
+    ):
+        boost = rules.boosts.add(multiplier=multiplier)
+        if target:
+            setattr(boost, target, value)
+    return rules
+
+
+def test_rule_overrides_never_fail_on_the_server_side(servers: Servers, dataset: Dataset) -> None:
+    """Any RuleOverrides: INVALID_ARGUMENT, or an answer that keeps every rule it was given."""
+    users = users_by_activity(dataset)[:30]
+    items = dataset.catalog.item_ids[::40].tolist()
+    brands = sorted(set(dataset.catalog.brands.tolist()))[:10]
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None)
+    @given(st.sampled_from(users), _overrides(items, brands), st.booleans(), st.sampled_from(["", "home", "\x00"]))
+    def check(user: str, rules: ranking_pb2.RuleOverrides, explain: bool, surface: str) -> None:
+        rejected: grpc.RpcError | None = None
+        try:
+            response = recommend(servers.ranking, dataset, user, 10, rules=rules, explain=explain, surface=surface)
+        except grpc.RpcError as error:
+            rejected = error
+        if rejected is not None:
+            assert rejected.code() == grpc.StatusCode.INVALID_ARGUMENT, rejected
+            assert str(rejected.details()).startswith("rules."), rejected.details()
+            return
+        assert 0 <= rules.mmr_lambda <= 1 or not rules.HasField("mmr_lambda")
+        assert all(boost.multiplier > 0 and math.isfinite(boost.multiplier) for boost in rules.boosts)
+        ids = [item.item_id for item in response.items]
+        assert len(ids) <= 10
+        assert len(set(ids)) == len(ids)
+        assert all(math.isfinite(item.score) for item in response.items)
+        pinned = {pin.item_id for pin in rules.pins}
+        free = [item for item in response.items if item.item_id not in pinned]
+        if rules.allowed_brands:
+            assert {item.brand for item in free} <= set(rules.allowed_brands)
+        if rules.HasField("max_per_brand") and rules.max_per_brand > 0:
+            assert max(collections.Counter(i.brand for i in free).values(), default=0) <= rules.max_per_brand
+        assert all(item.HasField("explanation") == explain for item in response.items)
+
+    check()
