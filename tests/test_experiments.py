@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ranking_service.experiments import assign, bucket
+from shared.artifacts import ArtifactError
 from shared.config import ExperimentsSettings, RankingSettings
 from shared.data import Dataset
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
@@ -132,3 +133,14 @@ def test_bucket_is_uniform_enough() -> None:
     assert values.min() >= 0
     assert values.max() < 1
     assert np.histogram(values, bins=10, range=(0, 1))[0].min() > 900
+
+
+def test_a_pinned_model_version_that_does_not_exist_stops_the_start(
+    artifacts: BuiltArtifacts, servers: Servers
+) -> None:
+    experiments = {"variants": [{"name": "old", "share": 0.1, "model_version": "20000101T000000-000000"}]}
+    with (
+        pytest.raises(ArtifactError, match="20000101T000000-000000"),
+        ranking_server(artifacts, servers, experiments=experiments),
+    ):
+        pass
