@@ -255,6 +255,8 @@ class RankingPipeline:
         scorer = self._pinned_scorers[pinned_version] if pinned_version else self.scorer
         booster = self._pinned_boosters[pinned_version] if pinned_version else self.ranker.booster
 
+        # variant.candidate_mix is the source mix this user's variant asks retrieval for (recorded
+        # in the result and the log; the retrieval client sends it once it takes a mix).
         retrieved = self._candidates.retrieve(query.user_id, history, context, excluded, timeout_s)
         lap("retrieve")
         CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))

@@ -195,6 +195,10 @@ class RetrievalSettings(ServerSettings):
         return self
 
 
+# Bounds on rule lists: a request's pins and boosts become per-request work.
+MAX_RULE_PINS = 100
+MAX_RULE_BOOSTS = 100
+MAX_ALLOWED_BRANDS = 1000
 # Event types a rule can exclude on (the API's EventType names, lower case).
 RULE_EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "wishlist")
 RuleEventType = Literal["view", "cart", "purchase", "wishlist"]
@@ -231,13 +235,15 @@ class RulesSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     # Drop items the user had these events on (history and session views) within the window.
-    exclude_seen_types: list[RuleEventType] = Field(default_factory=lambda: list[RuleEventType](["purchase"]))
+    exclude_seen_types: list[RuleEventType] = Field(
+        default_factory=lambda: list[RuleEventType](["purchase"]), max_length=len(RULE_EVENT_TYPES)
+    )
     # 0: forever.
     exclude_seen_window_days: int = Field(0, ge=0)
     exclude_out_of_stock: bool = True
     # Only these brands (e.g. house brands for a surface); empty: any brand.
-    allowed_brands: list[str] = Field(default_factory=list)
-    boosts: list[BoostSettings] = Field(default_factory=list)
+    allowed_brands: list[str] = Field(default_factory=list, max_length=MAX_ALLOWED_BRANDS)
+    boosts: list[BoostSettings] = Field(default_factory=list, max_length=MAX_RULE_BOOSTS)
     # Brand boundaries: named groups of brands, and pairs of groups that never share a list
     # (the group of the higher-scored item wins; the other group's items are dropped).
     brand_groups: dict[str, list[Annotated[str, Field(min_length=1)]]] = Field(default_factory=dict)
@@ -249,7 +255,7 @@ class RulesSettings(BaseModel):
     mmr_lambda: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
     # MMR re-orders only the best mmr_pool_factor x k candidates (cost: k x pool dot products).
     mmr_pool_factor: int = Field(3, ge=1, le=20)
-    pins: list[PinSettings] = Field(default_factory=list)
+    pins: list[PinSettings] = Field(default_factory=list, max_length=MAX_RULE_PINS)
 
     @model_validator(mode="after")
     def _consistent(self) -> RulesSettings:
@@ -280,18 +286,18 @@ class RulesOverrides(BaseModel):
     every field that is set replaces the rules' field (lists are replaced, not appended)."""
 
     model_config = ConfigDict(extra="forbid")
-    exclude_seen_types: list[RuleEventType] | None = None
+    exclude_seen_types: list[RuleEventType] | None = Field(None, max_length=len(RULE_EVENT_TYPES))
     exclude_seen_window_days: int | None = Field(None, ge=0)
     exclude_out_of_stock: bool | None = None
-    allowed_brands: list[str] | None = None
-    boosts: list[BoostSettings] | None = None
+    allowed_brands: list[str] | None = Field(None, max_length=MAX_ALLOWED_BRANDS)
+    boosts: list[BoostSettings] | None = Field(None, max_length=MAX_RULE_BOOSTS)
     brand_groups: dict[str, list[Annotated[str, Field(min_length=1)]]] | None = None
     never_together: list[tuple[str, str]] | None = None
     max_per_brand: int | None = Field(None, ge=0)
     max_per_category: int | None = Field(None, ge=0)
     mmr_lambda: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     mmr_pool_factor: int | None = Field(None, ge=1, le=20)
-    pins: list[PinSettings] | None = None
+    pins: list[PinSettings] | None = Field(None, max_length=MAX_RULE_PINS)
 
 
 class CandidateMixShare(BaseModel):

@@ -238,6 +238,7 @@ def test_default_chain_is_the_old_behaviour() -> None:
         ({"boosts": [{"multiplier": 2.0}]}, "rules.boosts[0]"),
         ({"pins": [{"item_id": "i1", "position": -1}]}, "rules.pins[0].position"),
         ({"exclude_seen_types": ["bogus"]}, "rules.exclude_seen_types[0]"),
+        ({"pins": [{"item_id": f"i{n}", "position": n} for n in range(101)]}, "rules.pins"),
     ],
 )
 def test_bad_overrides_name_the_field(fields: dict[str, object], field: str) -> None:
