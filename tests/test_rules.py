@@ -312,7 +312,7 @@ def test_brand_boundary_is_never_violated_across_many_users(
             without = {item.brand for item in recommend(servers.ranking, dataset, user, 10).items}
             violations_without += bool(without & set(groups["left"]) and without & set(groups["right"]))
     print(f"\nbrand boundary: {violations_without}/{len(users)} default lists mix the groups; 0 with the rule")
-    assert violations_without >= 20, "the groups should meet in default answers, or the test proves nothing"
+    assert violations_without >= 10, "the groups should meet in default answers, or the test proves nothing"
     assert removed > 0
 
 
