@@ -7,23 +7,32 @@ exactly what serving computes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
 from ranking_service.artifact import LoadedRanker
 from ranking_service.candidates import CandidateStage
-from ranking_service.explain import reasons
-from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
+from ranking_service.experiments import assign
+from ranking_service.explain import Contribution, explanations, reasons
+from ranking_service.features import (
+    MAX_HISTORY_FOR_FEATURES,
+    CandidateSet,
+    FeatureBuilder,
+    FeatureMatrix,
+    RequestContext,
+)
 from ranking_service.online import OnlineUserState, with_online_events
 from ranking_service.retrieval_client import CandidateSource
-from ranking_service.rules import RuleInput, apply_rules
+from ranking_service.rules import Candidates, RuleContext, RuleEffect, apply_chain, build_chain, merge_rules
 from ranking_service.scoring import Scorer
 from ranking_service.store import UserHistory
-from shared.config import RankingSettings
+from shared.config import RankingSettings, RulesOverrides, RulesSettings
 from shared.data import DEVICES
 from shared.errors import InvalidArgument
 from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
@@ -32,6 +41,11 @@ from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
 RANKING_SERVICE = "vitrine.v1.Ranking"
 
 MAX_SESSION_ITEMS = 50
+# allowed_brands: the best-selling items of those brands that join the candidates, x k
+# (retrieval's candidates may hold few or none of a surface's house brands).
+ALLOWED_BRAND_BACKFILL = 3
+# Popular items are scanned for allowed brands this many at a time.
+BACKFILL_SCAN = 8192
 MAX_ID_CHARS = 256
 # 3000-01-01: anything later is a unit mistake (milliseconds sent as seconds).
 MAX_TIMESTAMP = 32_503_680_000
@@ -45,6 +59,11 @@ class RecommendQuery:
     device: str
     session_item_ids: Sequence[str]
     exclude_item_ids: Sequence[str]
+    # Which configured rules apply ("": the default), this request's changes to them, and
+    # whether to fill explanations.
+    surface: str = ""
+    rules: RulesOverrides | None = None
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +75,12 @@ class RecommendedItem:
     brand: str
     category: str
     price: float
+    # The candidate sources that proposed it ("pin" for a pinned item retrieval did not).
+    sources: tuple[str, ...] = ()
+    # Only with explain = true.
+    explained: bool = False
+    anchor_item_ids: tuple[str, ...] = ()
+    contributions: tuple[Contribution, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,12 +91,20 @@ class Recommendation:
     cold_start: bool
     degraded_reason: str
     partial_reason: str
-    removed_by_rules: dict[str, int]
     stage_ms: dict[str, float]
     # The request time (unix seconds) and the returned items' feature rows (FEATURE_NAMES
     # order), for the impression log.
     timestamp: int = 0
     feature_values: npt.NDArray[np.float32] | None = None
+    # Every rule that ran, in order.
+    rule_effects: list[RuleEffect] = field(default_factory=list)
+    # The experiment variant ("" = control) and the candidate mix it asks retrieval for.
+    variant: str = ""
+    candidate_mix: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def removed_by_rules(self) -> dict[str, int]:
+        return {effect.rule: effect.removed for effect in self.rule_effects}
 
 
 class RankingPipeline:
@@ -81,6 +114,7 @@ class RankingPipeline:
         retrieval: CandidateSource,
         settings: RankingSettings,
         online: OnlineUserState | None = None,
+        pinned_boosters: dict[str, lgb.Booster] | None = None,
     ) -> None:
         self.ranker = ranker
         # Events LogEvents stored since the snapshot (shared across artifact swaps).
@@ -88,7 +122,17 @@ class RankingPipeline:
         self._settings = settings
         self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
         self._features = FeatureBuilder(ranker.items, ranker.stats)
+        self._brand_code = {
+            str(brand): int(code)
+            for brand, code in zip(ranker.items.brands.tolist(), ranker.items.brand_codes.tolist(), strict=True)
+        }
         self.scorer = Scorer(ranker.booster, ranker.model_path, settings.predict_threads, settings.compiled_trees)
+        # Experiment variants that pin another ranker version: its trees, by version.
+        self._pinned_boosters = dict(pinned_boosters or {})
+        self._pinned_scorers = {
+            version: Scorer(booster, None, settings.predict_threads, compiled=False)
+            for version, booster in self._pinned_boosters.items()
+        }
 
     # -- validation ---------------------------------------------------------------
     def validate(self, query: RecommendQuery) -> None:
@@ -117,6 +161,67 @@ class RankingPipeline:
                 f"context.timestamp must be unix seconds in 0..{MAX_TIMESTAMP} (0 = now), got {query.timestamp}",
                 field="context.timestamp",
             )
+        for number, pin in enumerate((query.rules.pins or []) if query.rules else []):
+            if pin.item_id not in self.ranker.item_row:
+                raise InvalidArgument(
+                    f"rules.pins[{number}].item_id: unknown item {pin.item_id!r}", field=f"rules.pins[{number}].item_id"
+                )
+
+    def rules_for(self, query: RecommendQuery, variant_rules: RulesOverrides | None) -> RulesSettings:
+        """The configured rules, then the surface's, the variant's and the request's changes."""
+        layers = [
+            self._settings.surfaces.get(query.surface),
+            variant_rules,
+            query.rules,
+        ]
+        return merge_rules(self._settings.rules, [layer for layer in layers if layer is not None])
+
+    def _allowed_brand_rows(self, brands: Sequence[str], k: int) -> npt.NDArray[np.int32]:
+        """The most popular in-stock items of ``brands``, at most ALLOWED_BRAND_BACKFILL x k."""
+        items = self.ranker.items
+        codes = [self._brand_code[brand] for brand in brands if brand in self._brand_code]
+        popular = self.ranker.stats.popular_rows
+        wanted = ALLOWED_BRAND_BACKFILL * k
+        found: list[npt.NDArray[np.int32]] = []
+        for start in range(0, len(popular) if codes else 0, BACKFILL_SCAN):
+            chunk = popular[start : start + BACKFILL_SCAN]
+            found.append(chunk[np.isin(items.brand_codes[chunk], codes) & (items.stock[chunk] > 0)])
+            if sum(len(rows) for rows in found) >= wanted:
+                break
+        return np.concatenate(found)[:wanted].astype(np.int32) if found else np.zeros(0, np.int32)
+
+    def _with_curated(self, candidates: CandidateSet, rules: RulesSettings, k: int) -> CandidateSet:
+        """Pinned items, and for allowed_brands the popular items of those brands, join the
+        candidates when retrieval did not propose them (scored, then filtered like the rest)."""
+        row_of = self.ranker.item_row
+        pinned = np.asarray([row_of[pin.item_id] for pin in rules.pins if pin.item_id in row_of], dtype=np.int32)
+        backfill = self._allowed_brand_rows(rules.allowed_brands, k) if rules.allowed_brands else pinned[:0]
+        backfill = backfill[~np.isin(backfill, pinned)]
+        extra = np.concatenate([pinned, backfill])
+        new = ~np.isin(extra, candidates.rows)
+        tags = [("pin",)] * len(pinned) + [("popular",)] * len(backfill)
+        extra = extra[new]
+        if not len(extra):
+            return candidates
+        zeros = np.zeros(len(extra), np.float32)
+        return dataclasses.replace(
+            candidates,
+            rows=np.concatenate([candidates.rows, extra]).astype(np.int32),
+            retrieval_scores=np.concatenate([candidates.retrieval_scores, zeros]),
+            content_scores=np.concatenate([candidates.content_scores, zeros]),
+            collaborative_scores=np.concatenate([candidates.collaborative_scores, zeros]),
+            sources=(
+                candidates.sources + tuple(tag for tag, keep in zip(tags, new.tolist(), strict=True) if keep)
+                if candidates.sources
+                else ()
+            ),
+            anchor_rows=(
+                candidates.anchor_rows + (np.zeros(0, np.int32),) * len(extra) if candidates.anchor_rows else ()
+            ),
+            stock=(
+                None if candidates.stock is None else np.concatenate([candidates.stock, self.ranker.items.stock[extra]])
+            ),
+        )
 
     def _rows(self, item_ids: Sequence[str]) -> npt.NDArray[np.int32]:
         row_of = self.ranker.item_row
@@ -159,7 +264,14 @@ class RankingPipeline:
         )
         excluded = self._rows(query.exclude_item_ids)
         cold_start = not len(history) and not len(context.session_rows)
+        variant = assign(query.user_id, self._settings.experiments)
+        rules = self.rules_for(query, variant.rules if variant else None)
+        pinned_version = variant.model_version if variant else None
+        scorer = self._pinned_scorers[pinned_version] if pinned_version else self.scorer
+        booster = self._pinned_boosters[pinned_version] if pinned_version else self.ranker.booster
 
+        # variant.candidate_mix is the source mix this user's variant asks retrieval for (recorded
+        # in the result and the log; the retrieval client sends it once it takes a mix).
         retrieved = self._candidates.retrieve(query.user_id, history, context, excluded, timeout_s)
         lap("retrieve")
         CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))
@@ -167,38 +279,67 @@ class RankingPipeline:
             DEGRADED.labels(RANKING_SERVICE, retrieved.degraded_reason).inc()
         if retrieved.partial_reason:
             PARTIAL.labels(RANKING_SERVICE, retrieved.partial_reason).inc()
-        features = self.features(history, context, retrieved.candidates)
-        lap("features")
-        scores = self.score(features)
-        lap("predict")
-        rows = retrieved.candidates.rows
-        outcome = apply_rules(
-            RuleInput(rows, scores, history.purchased_rows(), excluded, self.ranker.items.stock), query.k
+        candidates = (
+            self._with_curated(retrieved.candidates, rules, query.k)
+            if rules.pins or rules.allowed_brands
+            else retrieved.candidates
         )
-        explained = reasons(features, outcome.selected, rows, self.ranker.items)
-        lap("rules")
+        features = self.features(history, context, candidates)
+        lap("features")
+        scores = scorer.predict(features.values)
+        lap("predict")
+        rows = candidates.rows
         items = self.ranker.items
+        outcome = apply_chain(
+            build_chain(rules, self.ranker.item_row),
+            Candidates(rows, scores, candidates.stock if candidates.stock is not None else items.stock[rows]),
+            RuleContext(items, history, context.session_rows, excluded, timestamp, query.k),
+        )
+        explained = reasons(features, outcome.selected, rows, items)
+        lap("rules")
+        details = (
+            explanations(
+                booster,
+                features,
+                outcome.selected,
+                candidates,
+                np.concatenate([context.session_rows, history.recent(MAX_HISTORY_FOR_FEATURES).item_rows]),
+                items,
+                self.ranker.stats,
+                self._settings.predict_threads,
+            )
+            if query.explain
+            else []
+        )
+        if query.explain:
+            lap("explain")
         recommended = [
             RecommendedItem(
                 item_id=str(items.item_ids[rows[position]]),
-                score=float(scores[position]),
+                score=float(outcome.scores[position]),
                 reason=reason,
                 title=str(items.titles[rows[position]]),
                 brand=str(items.brands[rows[position]]),
                 category=str(items.categories[rows[position]]),
                 price=float(items.prices[rows[position]]),
+                sources=candidates.sources[position] if len(candidates.sources) > position else (),
+                explained=query.explain,
+                anchor_item_ids=tuple(str(items.item_ids[r]) for r in details[line].anchor_rows) if details else (),
+                contributions=details[line].contributions if details else (),
             )
-            for position, reason in zip(outcome.selected.tolist(), explained, strict=True)
+            for line, (position, reason) in enumerate(zip(outcome.selected.tolist(), explained, strict=True))
         ]
         return Recommendation(
             items=recommended,
-            model_version=self.ranker.version,
+            model_version=pinned_version or self.ranker.version,
             index_version=retrieved.index_version,
             cold_start=cold_start,
             degraded_reason=retrieved.degraded_reason,
             partial_reason=retrieved.partial_reason,
-            removed_by_rules=outcome.removed,
             stage_ms=stage_ms,
             timestamp=timestamp,
             feature_values=features.values[outcome.selected],
+            rule_effects=outcome.effects,
+            variant=variant.name if variant else "",
+            candidate_mix={mix.source: mix.share for mix in variant.candidate_mix} if variant else {},
         )

@@ -13,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.capture import CaptureWriter
+from ranking_service.experiments import load_pinned_boosters
 from ranking_service.online import OnlineEvent, OnlineStateUnavailable, OnlineUserState, online_user_state
 from ranking_service.pipeline import (
     MAX_ID_CHARS,
@@ -20,11 +21,13 @@ from ranking_service.pipeline import (
     RANKING_SERVICE,
     RankingPipeline,
     Recommendation,
+    RecommendedItem,
     RecommendQuery,
 )
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient, ShardedRetrievalClient
+from ranking_service.rules import parse_overrides
 from shared.artifacts import current_version
-from shared.config import RankingSettings
+from shared.config import RankingSettings, RulesOverrides
 from shared.data import CART, PURCHASE, VIEW, WISHLIST
 from shared.errors import InvalidArgument, Unavailable, grpc_errors
 from shared.grpc_server import RunningServer, start_server
@@ -48,6 +51,61 @@ EVENT_CODES = {
 }
 # Time kept back from the caller's deadline for features, scoring and the reply.
 OWN_BUDGET_S = 0.02
+EVENT_TYPE_NAMES = {
+    ranking_pb2.EVENT_TYPE_VIEW: "view",
+    ranking_pb2.EVENT_TYPE_CART: "cart",
+    ranking_pb2.EVENT_TYPE_PURCHASE: "purchase",
+    ranking_pb2.EVENT_TYPE_WISHLIST: "wishlist",
+}
+
+
+def rule_overrides(request: ranking_pb2.RecommendRequest) -> RulesOverrides | None:
+    """The request's RuleOverrides as settings (unset fields and empty lists keep the
+    configuration); INVALID_ARGUMENT naming the field for a bad value."""
+    if not request.HasField("rules"):
+        return None
+    rules = request.rules
+    fields: dict[str, Any] = {}
+    if rules.exclude_seen_types:
+        fields["exclude_seen_types"] = [EVENT_TYPE_NAMES.get(t, f"unspecified ({t})") for t in rules.exclude_seen_types]
+    for name in ("exclude_seen_window_days", "exclude_out_of_stock", "mmr_lambda", "max_per_brand", "max_per_category"):
+        if rules.HasField(name):
+            fields[name] = getattr(rules, name)
+    if rules.pins:
+        fields["pins"] = [{"item_id": pin.item_id, "position": pin.position} for pin in rules.pins]
+    if rules.boosts:
+        boosts: list[dict[str, Any]] = []
+        for boost in rules.boosts:
+            target = boost.WhichOneof("target")
+            boosts.append({"multiplier": boost.multiplier, **({target: getattr(boost, target)} if target else {})})
+        fields["boosts"] = boosts
+    if rules.allowed_brands:
+        fields["allowed_brands"] = list(rules.allowed_brands)
+    return parse_overrides(fields) if fields else None
+
+
+def _item_message(item: RecommendedItem) -> ranking_pb2.RecommendedItem:
+    message = ranking_pb2.RecommendedItem(
+        item_id=item.item_id,
+        score=item.score,
+        reason=item.reason,
+        title=item.title,
+        brand=item.brand,
+        category=item.category,
+        price=item.price,
+        sources=list(item.sources),
+    )
+    if item.explained:
+        message.explanation.CopyFrom(
+            ranking_pb2.Explanation(
+                anchor_item_ids=list(item.anchor_item_ids),
+                contributions=[
+                    ranking_pb2.FeatureContribution(feature=c.feature, contribution=c.contribution, text=c.text)
+                    for c in item.contributions
+                ],
+            )
+        )
+    return message
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
@@ -84,6 +142,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             device=DEVICE_NAMES.get(request.context.device, ""),
             session_item_ids=list(request.context.session_item_ids),
             exclude_item_ids=list(request.exclude_item_ids),
+            surface=request.surface,
+            rules=rule_overrides(request),
+            explain=request.explain,
         )
         pipeline = self._served.get()
         result = pipeline.recommend(query, self._retrieval_timeout(context))
@@ -99,30 +160,28 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             partial=result.partial_reason or None,
             model_version=result.model_version,
             index_version=result.index_version,
-            removed_by_rules=result.removed_by_rules,
+            surface=request.surface or None,
+            surface_configured=request.surface in self._settings.surfaces if request.surface else None,
+            rule_effects=[[e.rule, e.removed, e.moved] for e in result.rule_effects],
+            variant=result.variant,
+            candidate_mix=result.candidate_mix or None,
+            explain=request.explain,
             stage_ms=result.stage_ms,
         )
         if self._capture is not None:
             self._capture.impression(impression_record(request_id, request.user_id, request.surface, result))
         return ranking_pb2.RecommendResponse(
-            items=[
-                ranking_pb2.RecommendedItem(
-                    item_id=item.item_id,
-                    score=item.score,
-                    reason=item.reason,
-                    title=item.title,
-                    brand=item.brand,
-                    category=item.category,
-                    price=item.price,
-                )
-                for item in result.items
-            ],
+            items=[_item_message(item) for item in result.items],
             request_id=request_id,
             model_version=result.model_version,
             index_version=result.index_version,
             cold_start=result.cold_start,
             degraded=bool(result.degraded_reason),
             partial=bool(result.partial_reason),
+            rule_effects=[
+                ranking_pb2.RuleEffect(rule=e.rule, removed=e.removed, moved=e.moved) for e in result.rule_effects
+            ],
+            variant=result.variant,
         )
 
     @grpc_errors
@@ -197,8 +256,8 @@ def impression_record(request_id: str, user_id: str, surface: str, result: Recom
         "timestamp": result.timestamp,
         "served_at_ms": int(time.time() * 1000),
         "surface": surface,
-        # The experiment variant (filled once experiments run).
-        "variant": "",
+        # The experiment variant ("" = control), so outcomes can be compared per variant.
+        "variant": result.variant,
         "model_version": result.model_version,
         "index_version": result.index_version,
         "cold_start": result.cold_start,
@@ -243,7 +302,13 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
     capture = CaptureWriter(settings.capture) if settings.capture.enabled else None
 
     def load(version: str | None) -> RankingPipeline:
-        return RankingPipeline(load_ranker_artifact(settings.artifacts, version=version), retrieval, settings, online)
+        return RankingPipeline(
+            load_ranker_artifact(settings.artifacts, version=version),
+            retrieval,
+            settings,
+            online,
+            load_pinned_boosters(settings.artifacts, settings.experiments),
+        )
 
     served = Reloadable(
         SERVICE_NAME,

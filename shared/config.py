@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -237,6 +237,150 @@ class CaptureSettings(BaseModel):
     queue_size: int = Field(10_000, ge=1)
 
 
+# Bounds on rule lists: a request's pins and boosts become per-request work.
+MAX_RULE_PINS = 100
+MAX_RULE_BOOSTS = 100
+MAX_ALLOWED_BRANDS = 1000
+# Event types a rule can exclude on (the API's EventType names, lower case).
+RULE_EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "wishlist")
+RuleEventType = Literal["view", "cart", "purchase", "wishlist"]
+
+
+class PinSettings(BaseModel):
+    """Curation: ``item_id`` at 0-based ``position``, if it passes the filters."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: str = Field(min_length=1)
+    position: int = Field(ge=0)
+
+
+class BoostSettings(BaseModel):
+    """Multiply the score of the items of one item id, brand or category (exactly one)."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: str | None = None
+    brand: str | None = None
+    category: str | None = None
+    # > 0: above 1 raises, below 1 lowers (applied as + ln(multiplier) to the ranker score).
+    multiplier: float = Field(gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> BoostSettings:
+        targets = [t for t in (self.item_id, self.brand, self.category) if t]
+        if len(targets) != 1:
+            raise ValueError("a boost names exactly one of item_id, brand or category")
+        return self
+
+
+class RulesSettings(BaseModel):
+    """The business rules after the model (ranking_service/rules.py, docs/rules.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Drop items the user had these events on (history and session views) within the window.
+    exclude_seen_types: list[RuleEventType] = Field(
+        default_factory=lambda: list[RuleEventType](["purchase"]), max_length=len(RULE_EVENT_TYPES)
+    )
+    # 0: forever.
+    exclude_seen_window_days: int = Field(0, ge=0)
+    exclude_out_of_stock: bool = True
+    # Only these brands (e.g. house brands for a surface); empty: any brand.
+    allowed_brands: list[str] = Field(default_factory=list, max_length=MAX_ALLOWED_BRANDS)
+    boosts: list[BoostSettings] = Field(default_factory=list, max_length=MAX_RULE_BOOSTS)
+    # Brand boundaries: named groups of brands, and pairs of groups that never share a list
+    # (the group of the higher-scored item wins; the other group's items are dropped).
+    brand_groups: dict[str, list[Annotated[str, Field(min_length=1)]]] = Field(default_factory=dict)
+    never_together: list[tuple[str, str]] = Field(default_factory=list)
+    # 0: no cap.
+    max_per_brand: int = Field(0, ge=0)
+    max_per_category: int = Field(0, ge=0)
+    # Maximal marginal relevance: 1 = by score only, lower = more diverse.
+    mmr_lambda: float = Field(1.0, ge=0, le=1, allow_inf_nan=False)
+    # MMR re-orders only the best mmr_pool_factor x k candidates (cost: k x pool dot products).
+    mmr_pool_factor: int = Field(3, ge=1, le=20)
+    pins: list[PinSettings] = Field(default_factory=list, max_length=MAX_RULE_PINS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RulesSettings:
+        for pair in self.never_together:
+            unknown = [group for group in pair if group not in self.brand_groups]
+            if unknown:
+                raise ValueError(f"never_together names brand groups {unknown} that brand_groups does not define")
+            if pair[0] == pair[1]:
+                raise ValueError(f"never_together pairs two different groups, got {list(pair)}")
+        for name, values in (
+            ("pins item_id", [pin.item_id for pin in self.pins]),
+            ("pins position", [pin.position for pin in self.pins]),
+        ):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name}s must be unique")
+        return self
+
+    def merged(self, overrides: RulesOverrides) -> RulesSettings:
+        """These rules with every field ``overrides`` sets replaced (validated again)."""
+        changes = overrides.model_dump(exclude_none=True)
+        if not changes:
+            return self
+        return RulesSettings.model_validate({**self.model_dump(), **changes})
+
+
+class RulesOverrides(BaseModel):
+    """Changes to :class:`RulesSettings` (a surface, an experiment variant, one request):
+    every field that is set replaces the rules' field (lists are replaced, not appended)."""
+
+    model_config = ConfigDict(extra="forbid")
+    exclude_seen_types: list[RuleEventType] | None = Field(None, max_length=len(RULE_EVENT_TYPES))
+    exclude_seen_window_days: int | None = Field(None, ge=0)
+    exclude_out_of_stock: bool | None = None
+    allowed_brands: list[str] | None = Field(None, max_length=MAX_ALLOWED_BRANDS)
+    boosts: list[BoostSettings] | None = Field(None, max_length=MAX_RULE_BOOSTS)
+    brand_groups: dict[str, list[Annotated[str, Field(min_length=1)]]] | None = None
+    never_together: list[tuple[str, str]] | None = None
+    max_per_brand: int | None = Field(None, ge=0)
+    max_per_category: int | None = Field(None, ge=0)
+    mmr_lambda: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    mmr_pool_factor: int | None = Field(None, ge=1, le=20)
+    pins: list[PinSettings] | None = Field(None, max_length=MAX_RULE_PINS)
+
+
+class CandidateMixShare(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=1)
+    share: float = Field(gt=0, le=1)
+
+
+class ExperimentVariant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    # Share of users (by a stable hash of the user id) in this variant.
+    share: float = Field(gt=0, le=1)
+    rules: RulesOverrides = RulesOverrides()
+    # Candidate sources and their shares, passed on to retrieval (recorded per request).
+    candidate_mix: list[CandidateMixShare] = Field(default_factory=list)
+    # A pinned ranker artifact version whose trees score this variant's requests (loaded
+    # alongside the current one); None: the current ranker.
+    model_version: str | None = Field(None, min_length=1)
+
+
+class ExperimentsSettings(BaseModel):
+    """Variants assigned by a stable hash of (salt, user id); users outside every share are
+    in the control group (variant "")."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Change the salt to re-shuffle users between variants for a new experiment.
+    salt: str = "vitrine"
+    variants: list[ExperimentVariant] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _shares(self) -> ExperimentsSettings:
+        total = sum(variant.share for variant in self.variants)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"experiment variant shares sum to {total:g}; at most 1 (the rest is control)")
+        names = [variant.name for variant in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment variant names must be unique, got {names}")
+        return self
+
+
 class RankingSettings(ServerSettings):
     port: int = Field(50052, ge=0, le=65535)
     metrics_port: int | None = Field(9152, ge=0, le=65535)
@@ -270,6 +414,23 @@ class RankingSettings(ServerSettings):
     max_events_per_batch: int = Field(1000, ge=1)
     online_state: OnlineStateSettings = OnlineStateSettings()
     capture: CaptureSettings = CaptureSettings()
+    # Business rules after the model; a surface ("home", "cart"...) overrides some of them.
+    rules: RulesSettings = RulesSettings()
+    surfaces: dict[str, RulesOverrides] = Field(default_factory=dict)
+    experiments: ExperimentsSettings = ExperimentsSettings()
+
+    @model_validator(mode="after")
+    def _rules_compose(self) -> RankingSettings:
+        """Each surface's and each variant's overrides must give valid rules (checked at start)."""
+        for where, overrides in [
+            *((f"ranking.surfaces.{name}", o) for name, o in self.surfaces.items()),
+            *((f"ranking.experiments.variants.{v.name}.rules", v.rules) for v in self.experiments.variants),
+        ]:
+            try:
+                self.rules.merged(overrides)
+            except ValidationError as error:
+                raise ValueError(f"{where}: {error}") from error
+        return self
 
 
 class BenchSettings(BaseModel):

@@ -141,15 +141,22 @@ def test_retrieval_failure_degrades_to_popular_or_is_unavailable(
     artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, failure: str, fallback: bool
 ) -> None:
     """Retrieval down (nothing listening) or slower than its budget: with the fallback the
-    answer is degraded, never an error; without it, UNAVAILABLE with a reason, never INTERNAL."""
-    target = f"127.0.0.1:{_dead_port()}" if failure == "down" else f"127.0.0.1:{servers.retrieval_server.port}"
+    answer is degraded, never an error; without it, UNAVAILABLE with a reason, never INTERNAL.
+
+    "Too slow" is a socket that accepts connections and never answers: a retrieval service
+    that hangs. (A real server with a microsecond budget is not reliably too slow: gRPC
+    rounds deadlines up to milliseconds and a loaded machine fires its timers late.)"""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    target = f"127.0.0.1:{_dead_port()}" if failure == "down" else f"127.0.0.1:{hung.getsockname()[1]}"
     ranking = start_ranking_server(
         RankingSettings(
             artifacts=artifacts.root,
             port=0,
             metrics_port=None,
             retrieval_target=target,
-            retrieval_timeout_s=0.5 if failure == "down" else 1e-6,
+            retrieval_timeout_s=0.5,
             fallback_to_popular=fallback,
         )
     )
@@ -173,3 +180,4 @@ def test_retrieval_failure_degrades_to_popular_or_is_unavailable(
                 assert "retrieval service" in str(caught.value.details())
     finally:
         ranking.stop()
+        hung.close()
