@@ -260,9 +260,11 @@ class VectorIndex:
     def _search(
         self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        requested = exclude_rows if exclude_rows is not None else np.zeros(0, np.int64)
-        excluded = np.union1d(requested.astype(np.int64), self._retired)
-        exclude = excluded if len(excluded) else None
+        retired = self._retired
+        if exclude_rows is None or not len(exclude_rows):
+            exclude = retired if len(retired) else None
+        else:
+            exclude = np.union1d(exclude_rows.astype(np.int64), retired)
         size = self._size
         available = size - (len(exclude) if exclude is not None else 0)
         n = min(n, available)
