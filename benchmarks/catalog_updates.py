@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         for fsync in (True, False):
             wal, _ = WriteAheadLog.open(Path(directory) / f"wal-{fsync}.jsonl", fsync)
-            print(f"WAL append (fsync={fsync}):", _percentiles(lambda _: wal.append("upsert", body), 200))
+            print(f"WAL append (fsync={fsync}):", _percentiles(lambda _, log=wal: log.append("upsert", body), 200))
             wal.close()
 
 
