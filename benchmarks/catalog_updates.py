@@ -31,6 +31,10 @@ def _percentiles(call: Callable[[int], object], repeats: int) -> str:
     return f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
 
 
+def _appender(wal: WriteAheadLog, body: dict[str, object]) -> Callable[[int], object]:
+    return lambda _: wal.append("upsert", body)
+
+
 def main() -> None:
     faiss.omp_set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -48,11 +52,11 @@ def main() -> None:
     print("add 100 vectors:", _percentiles(lambda _: index.add(rng.standard_normal((100, DIMENSION), np.float32)), 20))
     index.retire(np.arange(2000, dtype=np.int64))
     print("search n=300, 2000 rows retired:", _percentiles(search, QUERIES))
-    body = {"items": [{"item_id": "x", "vector": "A" * 1024}]}
+    body: dict[str, object] = {"items": [{"item_id": "x", "vector": "A" * 1024}]}
     with tempfile.TemporaryDirectory() as directory:
         for fsync in (True, False):
             wal, _ = WriteAheadLog.open(Path(directory) / f"wal-{fsync}.jsonl", fsync)
-            print(f"WAL append (fsync={fsync}):", _percentiles(lambda _, log=wal: log.append("upsert", body), 200))
+            print(f"WAL append (fsync={fsync}):", _percentiles(_appender(wal, body), 200))
             wal.close()
 
 
