@@ -7,6 +7,7 @@ exactly what serving computes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ranking_service.artifact import LoadedRanker
 from ranking_service.candidates import CandidateStage
 from ranking_service.explain import reasons
 from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
+from ranking_service.fresh_items import FreshItems
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import RuleInput, apply_rules
 from ranking_service.scoring import Scorer
@@ -71,9 +73,16 @@ class Recommendation:
 
 class RankingPipeline:
     def __init__(self, ranker: LoadedRanker, retrieval: CandidateSource, settings: RankingSettings) -> None:
+        # Room for items upserted into the index after this snapshot (Candidate.fresh_item).
+        self.fresh = FreshItems(ranker.items, ranker.item_row, ranker.stats, settings.fresh_items)
+        ranker = dataclasses.replace(
+            ranker, items=self.fresh.items, item_row=self.fresh.item_row, stats=self.fresh.stats
+        )
         self.ranker = ranker
         self._settings = settings
-        self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
+        self._candidates = CandidateStage(
+            ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings, self.fresh
+        )
         self._features = FeatureBuilder(ranker.items, ranker.stats)
         self.scorer = Scorer(ranker.booster, ranker.model_path, settings.predict_threads, settings.compiled_trees)
 

@@ -238,6 +238,10 @@ class RankingSettings(ServerSettings):
     history_length: int = Field(30, ge=1)
     query_half_life_days: float = Field(14.0, gt=0)
     predict_threads: int = Field(1, ge=1)
+    # Rows reserved in the ranker's item table for items upserted into the retrieval index
+    # after the ranker's snapshot (Candidate.fresh_item; ranking_service/fresh_items.py);
+    # 0: such candidates are dropped. Each reserved row costs an item-table row.
+    fresh_items: int = Field(1000, ge=0, le=1_000_000)
     # Compile the ranker's trees (lleaves) in the background after loading and use them once
     # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
     compiled_trees: bool = True

@@ -18,17 +18,26 @@ import grpc
 import numpy as np
 import pytest
 
+from ranking_service.server import start_ranking_server
 from retrieval_service.artifact import build_index_artifact, load_index_artifact
 from retrieval_service.retriever import TextQueryEncoder
 from retrieval_service.server import start_retrieval_server
 from retrieval_service.updates import FOLDED_PARAM, WalError, fold_into_dataset, read_wal, wal_path
 from shared.artifacts import current_version, open_artifact
-from shared.config import CatalogUpdateSettings, RetrievalSettings, VitrineSettings
+from shared.config import CatalogUpdateSettings, RankingSettings, RetrievalSettings, VitrineSettings
 from shared.data import Dataset
 from shared.grpc_server import RunningServer
-from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc, catalog_pb2, retrieval_pb2, retrieval_pb2_grpc
+from shared.proto.vitrine.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    catalog_pb2,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
 from shared.security import AuthSettings, call_credentials_metadata
-from tests.conftest import BuiltArtifacts
+from tests.conftest import BuiltArtifacts, users_by_activity
 from tests.fakes import HashingEmbedder
 
 TIMEOUT_S = 10
@@ -383,3 +392,57 @@ def test_next_build_folds_the_log_in_and_the_new_version_carries_the_rest(
     assert "fold-1" in loaded.item_row
     assert json.loads((root / "index" / new.version / "manifest.json").read_text())["params"][FOLDED_PARAM]
     assert open_artifact(root, "index", "vitrine.retrieval-index").version == new.version
+
+
+def test_upserted_item_can_be_recommended_through_the_ranking_server(
+    artifacts: BuiltArtifacts, embedder: HashingEmbedder, dataset: Dataset, tmp_path: Path
+) -> None:
+    user = users_by_activity(dataset)[0]
+    catalog = dataset.catalog
+    mine = np.flatnonzero(dataset.users.user_ids[dataset.events.user_index] == user)
+    recent = dataset.events.item_index[mine][::-1][:10]
+    # Twins of the user's recent items: the same text under new ids, in stock.
+    twins = [
+        _item(
+            f"twin-{position}",
+            str(catalog.titles[row]),
+            description=str(catalog.descriptions[row]),
+            brand=str(catalog.brands[row]),
+            category=str(catalog.categories[row]),
+            price=float(catalog.prices[row]),
+            stock=5,
+        )
+        for position, row in enumerate(recent.tolist())
+    ]
+    with live_server(artifacts.root, tmp_path, embedder) as live:
+        live.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=twins), timeout=TIMEOUT_S)
+        ranking = start_ranking_server(
+            RankingSettings(
+                artifacts=artifacts.root,
+                port=0,
+                metrics_port=None,
+                reload_poll_s=0,
+                retrieval_target=f"127.0.0.1:{live.server.port}",
+                max_k=50,
+            )
+        )
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
+                # Every catalogue item excluded: the twins are the only candidates, so they
+                # are recommended only if the ranker can featurise them (before: dropped).
+                response = ranking_pb2_grpc.RankingStub(channel).Recommend(
+                    ranking_pb2.RecommendRequest(
+                        user_id=user, k=len(twins), exclude_item_ids=catalog.item_ids.tolist()
+                    ),
+                    timeout=TIMEOUT_S,
+                )
+        finally:
+            ranking.stop()
+    fresh = [item for item in response.items if item.item_id.startswith("twin-")]
+    assert {item.item_id for item in fresh} == {twin.item_id for twin in twins}
+    assert len(response.items) == len(twins)
+    by_id = {twin.item_id: twin for twin in twins}
+    for item in fresh:
+        assert item.title == by_id[item.item_id].title
+        assert item.brand == by_id[item.item_id].brand
+        assert item.price == pytest.approx(by_id[item.item_id].price)
