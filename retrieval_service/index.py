@@ -31,6 +31,10 @@ POINTS_PER_CENTROID = 39
 # Shortlist = refine_factor x n from IVF-PQ, then exact re-scoring (the default; the build's
 # autotuner may choose another and record it in the manifest).
 REFINE_FACTOR = 3
+# Rows added after the build (upserted items) are scored exactly in every search while there
+# are at most this many: they sit in IVF lists trained without them (often a few lists far
+# from the catalogue's), where a small nprobe misses them. Beyond it, the IVF lists alone.
+EXACT_FRESH_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,9 @@ class VectorIndex:
         self._store = vectors
         self._vectors = vectors
         self._size = len(vectors)
+        self._base_size = len(vectors)
+        # Float32 copies of the rows added since loading (scored exactly; see EXACT_FRESH_ROWS).
+        self._fresh: npt.NDArray[np.float32] | None = np.zeros((0, vectors.shape[1]), dtype=np.float32)
         self._retired = np.zeros(0, dtype=np.int64)
         self._lock = ReadWriteLock()
         self._nprobe = nprobe
@@ -220,6 +227,16 @@ class VectorIndex:
             self._store = store
             # The store view grows before FAISS does: a row FAISS returns always has its vector.
             self._vectors = store[: start + len(vectors)]
+            fresh = self._fresh
+            if fresh is not None:
+                added = start - self._base_size
+                if added + len(vectors) <= EXACT_FRESH_ROWS:
+                    fresh = grown(fresh, added, len(vectors))
+                    # The values the float16 store holds, so both scorings agree.
+                    fresh[added : added + len(vectors)] = vectors.astype(np.float16).astype(np.float32)
+                    self._fresh = fresh
+                else:
+                    self._fresh = None  # too many for exact scoring: the IVF lists alone
             self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
             self._size = int(self._index.ntotal)
             if retire is not None and len(retire):
@@ -283,6 +300,21 @@ class VectorIndex:
         _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
         rows = found[0][found[0] >= 0].astype(np.int64)
         scores = (self.decoded(rows) @ query[0].astype(np.float32)).astype(np.float32)
+        fresh_vectors = self._fresh
+        if self._is_ivf and fresh_vectors is not None and size > self._base_size:
+            # Rows added since loading are all scored exactly (their float32 copies); the best
+            # n of them replace whichever the IVF lists happened to find.
+            fresh_scores = fresh_vectors[: size - self._base_size] @ query[0].astype(np.float32)
+            fresh_rows = np.arange(self._base_size, size, dtype=np.int64)
+            if exclude is not None:
+                kept = ~np.isin(fresh_rows, exclude)
+                fresh_rows, fresh_scores = fresh_rows[kept], fresh_scores[kept]
+            if len(fresh_rows) > n:
+                top = np.argpartition(-fresh_scores, n - 1)[:n]
+                fresh_rows, fresh_scores = fresh_rows[top], fresh_scores[top]
+            from_lists = rows < self._base_size
+            rows = np.concatenate([rows[from_lists], fresh_rows])
+            scores = np.concatenate([scores[from_lists], fresh_scores.astype(np.float32)])
         best = np.argsort(-scores, kind="stable")[:n]
         return rows[best], scores[best]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -446,3 +447,41 @@ def test_upserted_item_can_be_recommended_through_the_ranking_server(
         assert item.title == by_id[item.item_id].title
         assert item.brand == by_id[item.item_id].brand
         assert item.price == pytest.approx(by_id[item.item_id].price)
+
+
+def test_searches_during_upserts_and_deletes_never_fail(
+    artifacts: BuiltArtifacts, embedder: HashingEmbedder, dataset: Dataset, tmp_path: Path
+) -> None:
+    user = users_by_activity(dataset)[0]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with live_server(artifacts.root, tmp_path, embedder) as live:
+
+        def search() -> None:
+            while not stop.is_set():
+                try:
+                    for request in (
+                        retrieval_pb2.RetrieveRequest(user_id=user, n=100),
+                        retrieval_pb2.RetrieveRequest(text=FRESH_TITLE, n=50),
+                        retrieval_pb2.RetrieveRequest(user_id="nobody", n=20),
+                    ):
+                        ids = _ids(live.stub.Retrieve(request, timeout=TIMEOUT_S))
+                        assert len(ids) == len(set(ids)) == request.n
+                except BaseException as error:  # collected and re-raised by the test
+                    errors.append(error)
+                    return
+
+        readers = [threading.Thread(target=search) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        for batch in range(20):
+            items = [_item(f"busy-{batch}-{i}", f"{FRESH_TITLE} {batch} {i}") for i in range(10)]
+            live.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=items), timeout=TIMEOUT_S)
+            live.stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=[items[0].item_id]), timeout=TIMEOUT_S)
+        stop.set()
+        for reader in readers:
+            reader.join()
+        assert not errors, errors[0]
+        found = _ids(_text(live, FRESH_TITLE, n=300))
+        assert sum(item_id.startswith("busy-") for item_id in found) == 180
+        assert not any(item_id.startswith("busy-") and item_id.endswith("-0") for item_id in found)
