@@ -21,6 +21,7 @@ from retrieval_service.updates import (
     validated_ids,
     validated_items,
     validated_levels,
+    wal_path,
 )
 from shared.artifacts import ArtifactError, current_version
 from shared.config import CatalogUpdateSettings, EmbeddingSettings, RetrievalSettings
@@ -246,6 +247,7 @@ def start_retrieval_server(
         # The version being replaced takes no more changes (UNAVAILABLE, retryable) while
         # this one replays its log and the tail the build did not fold.
         sealed = catalogs.seal_all()
+        log_existed = wal_path(wal_root, artifact_name, loaded.version).exists()
         try:
             live = open_live_catalog(
                 loaded,
@@ -259,10 +261,18 @@ def start_retrieval_server(
             for catalog in sealed:
                 catalog.unseal()
             raise
+        try:
+            retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, encoders[0])
+            # One search before serving: the first caller should not pay for page faults.
+            retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+        except BaseException:
+            live.close()
+            if not log_existed:  # never served: the next attempt carries the tail over afresh
+                live.wal_file.unlink(missing_ok=True)
+            for catalog in sealed:
+                catalog.unseal()
+            raise
         catalogs.add(live)
-        retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, encoders[0])
-        # One search before serving: the first caller should not pay for page faults.
-        retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
         return retriever
 
     served = Reloadable(
