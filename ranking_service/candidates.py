@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.features import CandidateSet, RequestContext
+from ranking_service.fresh_items import FreshItems
 from ranking_service.query import history_query
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.store import ItemTable, UserHistory
@@ -45,12 +46,14 @@ class CandidateStage:
         popular_rows: npt.NDArray[np.int32],
         retrieval: CandidateSource,
         settings: RankingSettings,
+        fresh: FreshItems | None = None,
     ) -> None:
         self._items = items
         self._item_row = item_row
         self._popular_rows = popular_rows
         self._retrieval = retrieval
         self._settings = settings
+        self._fresh = fresh
 
     def retrieve(
         self,
@@ -109,7 +112,10 @@ class CandidateStage:
             retrieved = self._retrieval.by_history(item_ids[rows].tolist(), weights.tolist(), n, exclude_ids, timeout_s)
         else:
             retrieved = self._retrieval.by_user(user_id, n, exclude_ids, timeout_s)
-        # Ids this snapshot does not know (from a newer index) cannot be featurised.
+        # Items upserted after the snapshot get rows from their attributes; other ids this
+        # snapshot does not know (from a newer index) cannot be featurised.
+        if self._fresh is not None and retrieved.fresh_items:
+            self._fresh.register(retrieved.item_ids, retrieved.fresh_items)
         item_row = self._item_row
         known = np.asarray([item_id in item_row for item_id in retrieved.item_ids], dtype=bool)
         return RetrievedSet(

@@ -110,7 +110,10 @@ class FeatureBuilder:
     def __init__(self, items: ItemTable, stats: ItemStats) -> None:
         self._items = items
         self._stats = stats
-        self._log_prices = np.log(items.prices).astype(np.float32)
+
+    def _log_prices(self, rows: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        # Per request, not cached: fresh items (ranking_service/fresh_items.py) fill rows later.
+        return np.log(self._items.prices[rows]).astype(np.float32)
 
     def build(self, history: UserHistory, context: RequestContext, candidates: CandidateSet) -> FeatureMatrix:
         items, stats = self._items, self._stats
@@ -142,7 +145,7 @@ class FeatureBuilder:
         put("item_log_recent_views", stats.log_recent_views[rows])
         put("item_log_purchases", stats.log_purchases[rows])
         put("item_conversion_rate", stats.conversion_rate[rows])
-        put("item_log_price", self._log_prices[rows])
+        put("item_log_price", self._log_prices(rows))
         put("item_in_stock", (items.stock[rows] > 0).astype(np.float32))
         put("item_age_days", np.maximum(now - items.created_at[rows], 0) / SECONDS_PER_DAY)
         put("item_category", items.category_codes[rows])
@@ -166,8 +169,8 @@ class FeatureBuilder:
         put("user_category_purchase_affinity", purchase_share[items.category_codes[rows]])
 
         if len(history):
-            user_log_price = float(np.average(self._log_prices[hist_rows], weights=weights))
-            ratio = self._log_prices[rows] - user_log_price
+            user_log_price = float(np.average(self._log_prices(hist_rows), weights=weights))
+            ratio = self._log_prices(rows) - user_log_price
         else:
             ratio = np.zeros(n, dtype=np.float32)
         put("price_log_ratio_to_user", ratio)

@@ -27,6 +27,7 @@ from ranking_service.features import (
     FeatureMatrix,
     RequestContext,
 )
+from ranking_service.fresh_items import FreshItems
 from ranking_service.online import OnlineUserState, with_online_events
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import Candidates, RuleContext, RuleEffect, apply_chain, build_chain, merge_rules
@@ -116,11 +117,18 @@ class RankingPipeline:
         online: OnlineUserState | None = None,
         pinned_boosters: dict[str, lgb.Booster] | None = None,
     ) -> None:
+        # Room for items upserted into the index after this snapshot (Candidate.fresh_item).
+        self.fresh = FreshItems(ranker.items, ranker.item_row, ranker.stats, settings.fresh_items)
+        ranker = dataclasses.replace(
+            ranker, items=self.fresh.items, item_row=self.fresh.item_row, stats=self.fresh.stats
+        )
         self.ranker = ranker
         # Events LogEvents stored since the snapshot (shared across artifact swaps).
         self._online = online
         self._settings = settings
-        self._candidates = CandidateStage(ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings)
+        self._candidates = CandidateStage(
+            ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings, self.fresh
+        )
         self._features = FeatureBuilder(ranker.items, ranker.stats)
         self._brand_code = {
             str(brand): int(code)

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from shared.errors import InvalidArgument, ServiceError, Unavailable
 from shared.logs import event
-from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2, retrieval_pb2_grpc
 from shared.security import ClientTlsSettings, call_credentials_metadata, open_channel
 from shared.telemetry import SHARD_FAILURES
 from shared.tracing import end_client_span, start_client_span
@@ -61,6 +61,9 @@ class RetrievedCandidates:
     index_version: str
     # Sharded index: why some shards are missing from the merge ("" when none is).
     partial_reason: str = ""
+    # Per candidate, the attributes of an item upserted after the index build (None: a
+    # catalogue item); empty when the answer did not say.
+    fresh_items: tuple[catalog_pb2.ItemAttributes | None, ...] = ()
 
 
 class CandidateSource(Protocol):
@@ -117,6 +120,7 @@ def _candidates(
         from_popular=bool(candidates) and candidates[0].source == SOURCE_POPULAR,
         index_version=index_version,
         partial_reason=partial_reason,
+        fresh_items=tuple(c.fresh_item if c.HasField("fresh_item") else None for c in candidates),
     )
 
 

@@ -4,7 +4,8 @@ Files: ``index.faiss`` (IVF-PQ), ``item_ids.npy``, ``item_vectors.npy`` (fused,
 float16, for exact re-scoring, history queries and SimilarItems), ``user_ids.npy`` and
 ``user_vectors.npy`` (query per known user), ``popular_items.npy`` (item rows, most
 popular first, for users with no history) and ``popular_ranks.npy`` (their ranks in the
-whole catalogue). A sharded build writes one such artifact per shard
+whole catalogue), ``item_stock.npy`` (stock per item row at build time; UpsertItems and
+UpdateStock change the live copy, see retrieval_service/updates.py). A sharded build writes one such artifact per shard
 (``<root>/index-shard-<i>-of-<n>/<version>/``) holding that shard's items and users.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,8 @@ class IndexTables:
     user_vectors: npt.NDArray[np.float16]
     popular_rows: npt.NDArray[np.int32]
     popular_ranks: npt.NDArray[np.int32]
+    # Stock per item row; None: not recorded (artifacts before catalogue updates).
+    item_stock: npt.NDArray[np.int64] | None = None
 
 
 def write_index_artifact(
@@ -76,6 +79,8 @@ def write_index_artifact(
         writer.save_array("user_vectors.npy", tables.user_vectors)
         writer.save_array("popular_items.npy", tables.popular_rows)
         writer.save_array("popular_ranks.npy", tables.popular_ranks)
+        if tables.item_stock is not None:
+            writer.save_array("item_stock.npy", tables.item_stock)
         return writer.commit(KIND, params, metrics, make_current=make_current)
 
 
@@ -86,9 +91,12 @@ def build_index_artifact(
     settings: IndexBuildSettings,
     name: str = DEFAULT_NAME,
     cutoff: int | None = None,
+    extra_params: dict[str, Any] | None = None,
 ) -> Artifact:
     """The whole index as one artifact ``<root>/<name>/<version>/``."""
-    return build_index_artifacts(dataset, embedder, root, settings, name, cutoff, shards=1)[0]
+    return build_index_artifacts(dataset, embedder, root, settings, name, cutoff, shards=1, extra_params=extra_params)[
+        0
+    ]
 
 
 def build_index_artifacts(
@@ -99,12 +107,14 @@ def build_index_artifacts(
     name: str = DEFAULT_NAME,
     cutoff: int | None = None,
     shards: int = 1,
+    extra_params: dict[str, Any] | None = None,
 ) -> list[Artifact]:
     """Embed, factorise, fuse and index; only events before ``cutoff`` are used.
 
     Vectors, user queries and popularity are computed once over the whole catalogue, then
     split by :func:`shard_of` into ``shards`` artifacts (``shard_artifact_name``) that share
     one version: every shard scores in the same vector space, so their answers merge.
+    ``extra_params`` are recorded in every manifest (e.g. the catalogue updates folded in).
     """
     started = time.perf_counter()
     cutoff = cutoff if cutoff is not None else int(dataset.events.timestamp.max()) + 1
@@ -144,6 +154,7 @@ def build_index_artifacts(
         "collaborative_dim": int(collaborative.item_factors.shape[1]),
         "build": settings.model_dump(),
         "collaborative_tuning": tuning.describe() if tuning else None,
+        **(extra_params or {}),
     }
     artifacts = []
     for shard in range(shards):
@@ -196,6 +207,7 @@ def build_index_artifacts(
             user_vectors=queries[users].astype(np.float16),
             popular_rows=local_row[shard_popular],
             popular_ranks=global_rank[shard_popular],
+            item_stock=catalog.stock[item_rows].astype(np.int64),
         )
         # Every shard's CURRENT moves only once all shards are written: serving shards
         # never straddle two versions longer than their reload polls take.
@@ -209,9 +221,16 @@ def build_index_artifacts(
     return artifacts
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class LoadedIndex:
-    """Everything the retrieval service serves from one artifact version."""
+    """Everything the retrieval service serves from one artifact version.
+
+    Catalogue updates (retrieval_service/updates.py, under its writer lock) grow
+    ``item_ids`` and ``stock`` by rebinding them to longer views, add to and remove from
+    ``item_row``, and set ``stock`` values in place; nothing else changes after loading.
+    A reader takes each attribute once per use: a row the index returns is always
+    within the ``item_ids`` and ``stock`` read after the search.
+    """
 
     version: str
     index: VectorIndex
@@ -228,6 +247,10 @@ class LoadedIndex:
     build: IndexBuildSettings
     shard: int
     shard_count: int
+    # Current stock per item row (UpdateStock and UpsertItems change it at once).
+    stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Rows 0..base_items-1 came from the artifact; later rows were upserted while serving.
+    base_items: int = 0
 
 
 def describe_layout(layout: IndexLayout) -> str:
@@ -272,6 +295,14 @@ def load_index_artifact(
     )
     if len(popular_ranks) != len(popular_rows):
         raise ArtifactError(f"{artifact.path}: popular_ranks.npy does not match popular_items.npy")
+    # Versions built before catalogue updates record no stock: every item counts as in stock.
+    stock = (
+        artifact.load_array("item_stock.npy").astype(np.int64)
+        if "item_stock.npy" in artifact.manifest["files"]
+        else np.ones(len(item_ids), dtype=np.int64)
+    )
+    if len(stock) != len(item_ids):
+        raise ArtifactError(f"{artifact.path}: item_stock.npy does not match item_ids.npy")
     loaded = LoadedIndex(
         version=artifact.version,
         index=VectorIndex(index, vectors, nprobe, refine_factor),
@@ -287,6 +318,8 @@ def load_index_artifact(
         build=IndexBuildSettings.model_validate(params["build"]),
         shard=int(params.get("shard", 0)),
         shard_count=int(params.get("shard_count", 1)),
+        stock=stock,
+        base_items=len(item_ids),
     )
     event(
         log,

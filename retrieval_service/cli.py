@@ -36,6 +36,8 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
 
 def _run_build(args: argparse.Namespace) -> int:
     from retrieval_service.artifact import build_index_artifacts
+    from retrieval_service.shards import shard_artifact_name
+    from retrieval_service.updates import fold_into_dataset
     from shared.config import load_settings
     from shared.data import load_dataset
     from shared.embeddings import cached_text_embedder
@@ -54,9 +56,25 @@ def _run_build(args: argparse.Namespace) -> int:
         build = settings.ranker_build
         labels = ranker_label_mask(dataset.events, build.label_split, build.label_window, build.seed)
         dataset = dataclasses.replace(dataset, events=dataset.events.select(~labels))
+    # Catalogue changes made on the serving index (UpsertItems...) are folded in first;
+    # the manifest records how far, so the server carries over only what came later.
+    shards = settings.index_build.shards
+    folded = fold_into_dataset(
+        dataset,
+        args.out,
+        settings.retrieval.updates.wal_dir or args.out,
+        [shard_artifact_name(args.name, shard, shards) for shard in range(shards)],
+    )
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     for artifact in build_index_artifacts(
-        dataset, embedder, args.out, settings.index_build, args.name, args.cutoff, settings.index_build.shards
+        folded.dataset,
+        embedder,
+        args.out,
+        settings.index_build,
+        args.name,
+        args.cutoff,
+        shards,
+        extra_params=folded.params,
     ):
         print(f"{artifact.name} {artifact.version}: {artifact.path}  {artifact.metrics}")
     return 0

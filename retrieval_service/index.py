@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,6 +31,10 @@ POINTS_PER_CENTROID = 39
 # Shortlist = refine_factor x n from IVF-PQ, then exact re-scoring (the default; the build's
 # autotuner may choose another and record it in the manifest).
 REFINE_FACTOR = 3
+# Rows added after the build (upserted items) are scored exactly in every search while there
+# are at most this many: they sit in IVF lists trained without them (often a few lists far
+# from the catalogue's), where a small nprobe misses them. Beyond it, the IVF lists alone.
+EXACT_FRESH_ROWS = 10_000
 
 
 @dataclass(frozen=True)
@@ -91,8 +98,67 @@ def build_index(
     return index
 
 
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer stops new readers (it cannot starve).
+
+    Searches read the FAISS index from several gRPC worker threads (FAISS releases the GIL);
+    adding vectors may reallocate its inverted lists, so it must not overlap a search.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            while self._writing or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+def grown(buffer: npt.NDArray[Any], size: int, extra: int) -> npt.NDArray[Any]:
+    """``buffer`` (``size`` rows used) with room for ``extra`` more rows: the same array when
+    it has room, else a copy with 1/8 headroom (amortised O(1) per appended row)."""
+    if size + extra <= len(buffer):
+        return buffer
+    capacity = size + extra + max(size // 8, 1024)
+    bigger = np.empty((capacity, *buffer.shape[1:]), dtype=buffer.dtype)
+    bigger[:size] = buffer[:size]
+    return bigger
+
+
 class VectorIndex:
-    """Search over an ANN index with exclusions and exact re-scoring of the shortlist."""
+    """Search over an ANN index with exclusions and exact re-scoring of the shortlist.
+
+    Live updates (retrieval_service/updates.py): :meth:`add` appends vectors to the IVF
+    lists and the float16 store without retraining; :meth:`retire` hides rows (deleted or
+    replaced items) from every search. Rows are never renumbered.
+    """
 
     def __init__(
         self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int, refine_factor: int = REFINE_FACTOR
@@ -102,7 +168,15 @@ class VectorIndex:
         if vectors.ndim != 2 or vectors.shape[1] != index.d:
             raise ValueError(f"index has dimension {index.d} but the item vectors have shape {vectors.shape}")
         self._index = index
+        # The float16 store grows in place (spare capacity beyond _size); readers use the view.
+        self._store = vectors
         self._vectors = vectors
+        self._size = len(vectors)
+        self._base_size = len(vectors)
+        # Float32 copies of the rows added since loading (scored exactly; see EXACT_FRESH_ROWS).
+        self._fresh: npt.NDArray[np.float32] | None = np.zeros((0, vectors.shape[1]), dtype=np.float32)
+        self._retired = np.zeros(0, dtype=np.int64)
+        self._lock = ReadWriteLock()
         self._nprobe = nprobe
         self._refine_factor = refine_factor
         self._is_ivf = isinstance(index, faiss.IndexIVF)
@@ -131,7 +205,48 @@ class VectorIndex:
 
     @property
     def size(self) -> int:
-        return int(self._index.ntotal)
+        """Rows in the index, retired ones included (row ids run 0..size-1)."""
+        return self._size
+
+    @property
+    def retired_rows(self) -> npt.NDArray[np.int64]:
+        """Rows no search returns (deleted or replaced items), sorted."""
+        return self._retired
+
+    def add(
+        self, vectors: npt.NDArray[np.float32], retire: npt.NDArray[np.int64] | None = None
+    ) -> npt.NDArray[np.int64]:
+        """Append ``vectors`` (k, d) as new rows and retire the rows ``retire``, in one step no
+        search sees half of; returns the new rows. The IVF lists are not retrained."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise ValueError(f"vectors have shape {vectors.shape}; this index has dimension {self.dimension}")
+        with self._lock.writing():
+            start = self._size
+            store = grown(self._store, start, len(vectors))
+            store[start : start + len(vectors)] = vectors.astype(np.float16)
+            self._store = store
+            # The store view grows before FAISS does: a row FAISS returns always has its vector.
+            self._vectors = store[: start + len(vectors)]
+            fresh = self._fresh
+            if fresh is not None:
+                added = start - self._base_size
+                if added + len(vectors) <= EXACT_FRESH_ROWS:
+                    fresh = grown(fresh, added, len(vectors))
+                    # The values the float16 store holds, so both scorings agree.
+                    fresh[added : added + len(vectors)] = vectors.astype(np.float16).astype(np.float32)
+                    self._fresh = fresh
+                else:
+                    self._fresh = None  # too many for exact scoring: the IVF lists alone
+            self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            self._size = int(self._index.ntotal)
+            if retire is not None and len(retire):
+                self._retired = np.union1d(self._retired, retire.astype(np.int64))
+        return np.arange(start, start + len(vectors), dtype=np.int64)
+
+    def retire(self, rows: npt.NDArray[np.int64]) -> None:
+        """Hide ``rows`` from every search from now on."""
+        with self._lock.writing():
+            self._retired = np.union1d(self._retired, rows.astype(np.int64))
 
     @property
     def dimension(self) -> int:
@@ -155,13 +270,24 @@ class VectorIndex:
     def search(
         self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Best ``n`` rows for one query (shape (1, d)), excluded rows never returned."""
-        exclude = np.unique(exclude_rows) if exclude_rows is not None and len(exclude_rows) else None
-        available = self.size - (len(exclude) if exclude is not None else 0)
+        """Best ``n`` rows for one query (shape (1, d)); excluded and retired rows never returned."""
+        with self._lock.reading():
+            return self._search(query, n, exclude_rows)
+
+    def _search(
+        self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        retired = self._retired
+        if exclude_rows is None or not len(exclude_rows):
+            exclude = retired if len(retired) else None
+        else:
+            exclude = np.union1d(exclude_rows.astype(np.int64), retired)
+        size = self._size
+        available = size - (len(exclude) if exclude is not None else 0)
         n = min(n, available)
         if n <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        shortlist = min(self.size, n * self._refine_factor if self._is_ivf else n)
+        shortlist = min(size, n * self._refine_factor if self._is_ivf else n)
         params: faiss.SearchParameters | None = None
         if exclude is not None:
             # Both objects must stay referenced until the search returns (SWIG holds raw pointers).
@@ -174,6 +300,21 @@ class VectorIndex:
         _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
         rows = found[0][found[0] >= 0].astype(np.int64)
         scores = (self.decoded(rows) @ query[0].astype(np.float32)).astype(np.float32)
+        fresh_vectors = self._fresh
+        if self._is_ivf and fresh_vectors is not None and size > self._base_size:
+            # Rows added since loading are all scored exactly (their float32 copies); the best
+            # n of them replace whichever the IVF lists happened to find.
+            fresh_scores = fresh_vectors[: size - self._base_size] @ query[0].astype(np.float32)
+            fresh_rows = np.arange(self._base_size, size, dtype=np.int64)
+            if exclude is not None:
+                kept = ~np.isin(fresh_rows, exclude)
+                fresh_rows, fresh_scores = fresh_rows[kept], fresh_scores[kept]
+            if len(fresh_rows) > n:
+                top = np.argpartition(-fresh_scores, n - 1)[:n]
+                fresh_rows, fresh_scores = fresh_rows[top], fresh_scores[top]
+            from_lists = rows < self._base_size
+            rows = np.concatenate([rows[from_lists], fresh_rows])
+            scores = np.concatenate([scores[from_lists], fresh_scores.astype(np.float32)])
         best = np.argsort(-scores, kind="stable")[:n]
         return rows[best], scores[best]
 

@@ -124,7 +124,8 @@ class Retriever:
 
     def popular(self, n: int, exclude_item_ids: Sequence[str]) -> Candidates:
         self._check_n(n)
-        excluded = set(self._exclusions(exclude_item_ids).tolist())
+        # Deleted and replaced items (retired rows) are never popular answers either.
+        excluded = set(self._exclusions(exclude_item_ids).tolist()) | set(self._loaded.index.retired_rows.tolist())
         head = slice(0, n + len(excluded))
         kept = [
             (row, rank)

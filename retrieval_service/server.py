@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import faiss
 import grpc
@@ -12,16 +14,72 @@ from threadpoolctl import threadpool_limits
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.retriever import Candidates, QueryPart, Retriever, TextQueryEncoder
 from retrieval_service.shards import shard_artifact_name
+from retrieval_service.updates import (
+    LiveCatalog,
+    open_live_catalog,
+    read_params,
+    validated_ids,
+    validated_items,
+    validated_levels,
+    wal_path,
+)
 from shared.artifacts import ArtifactError, current_version
-from shared.config import EmbeddingSettings, RetrievalSettings
-from shared.errors import InvalidArgument, Unimplemented, grpc_errors
+from shared.config import CatalogUpdateSettings, EmbeddingSettings, RetrievalSettings
+from shared.errors import FailedPrecondition, InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
 from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
 from shared.reloading import Reloadable
+from shared.security import BearerTokenInterceptor
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "vitrine.v1.Retrieval"
+# The catalogue writes: they need the bearer token whenever one is configured (like Admin).
+WRITE_METHODS = tuple(f"/{SERVICE_NAME}/{method}" for method in ("UpsertItems", "DeleteItems", "UpdateStock"))
+
+
+class LiveCatalogs:
+    """The live catalogue (write-ahead log + updates) of each loaded index version."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_version: dict[str, LiveCatalog] = {}
+
+    def get(self, version: str) -> LiveCatalog | None:
+        return self._by_version.get(version)
+
+    def seal_all(self) -> list[LiveCatalog]:
+        with self._lock:
+            catalogs = list(self._by_version.values())
+        for catalog in catalogs:
+            catalog.seal()
+        return catalogs
+
+    def add(self, catalog: LiveCatalog, keep: int = 2) -> None:
+        """Register ``catalog``; only the ``keep`` newest stay (the one being replaced keeps
+        answering reads until the swap)."""
+        with self._lock:
+            self._by_version[catalog.version] = catalog
+            while len(self._by_version) > keep:
+                oldest = next(iter(self._by_version))
+                self._by_version.pop(oldest).close()
+
+
+def annotated(
+    response: retrieval_pb2.RetrieveResponse, retriever: Retriever, catalogs: LiveCatalogs
+) -> retrieval_pb2.RetrieveResponse:
+    """Each candidate's current stock, and the attributes of items upserted since the build."""
+    loaded = retriever.loaded
+    live = catalogs.get(loaded.version)
+    item_row, stock = loaded.item_row, loaded.stock
+    for candidate in response.candidates:
+        row = item_row.get(candidate.item_id)
+        if row is not None and row < len(stock):
+            candidate.stock = int(stock[row])
+        fresh = live.fresh_item(candidate.item_id) if live is not None else None
+        if fresh is not None:
+            candidate.fresh_item.CopyFrom(fresh.to_proto())
+    return response
 
 
 def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
@@ -61,9 +119,23 @@ def _query_vector_response(part: QueryPart) -> retrieval_pb2.QueryVectorResponse
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
-    def __init__(self, served: Reloadable[Retriever]) -> None:
+    def __init__(
+        self,
+        served: Reloadable[Retriever],
+        catalogs: LiveCatalogs | None = None,
+        updates: CatalogUpdateSettings | None = None,
+    ) -> None:
         # Each request takes the current retriever once: a hot swap never changes it mid-request.
         self._served = served
+        self._catalogs = catalogs or LiveCatalogs()
+        self._updates = updates or CatalogUpdateSettings()
+
+    def _live(self) -> LiveCatalog:
+        version = self._served.get().loaded.version
+        live = self._catalogs.get(version)
+        if live is None:
+            raise FailedPrecondition(f"index version {version} takes no catalogue updates on this server")
+        return live
 
     @grpc_errors
     def Retrieve(  # noqa: N802 (gRPC method name)
@@ -84,14 +156,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             candidates = retriever.by_text(request.text, request.n, exclude)
         else:
             raise InvalidArgument("set one query: user_id, history, vector or text", field="query")
-        return _response(candidates)
+        return annotated(_response(candidates), retriever, self._catalogs)
 
     @grpc_errors
     def SimilarItems(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.SimilarItemsRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
         retriever = self._served.get()
-        return _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids)))
+        return annotated(
+            _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids))),
+            retriever,
+            self._catalogs,
+        )
 
     @grpc_errors
     def QueryVector(  # noqa: N802 (gRPC method name)
@@ -111,19 +187,22 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     def UpsertItems(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.UpsertItemsRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.CatalogUpdateResponse:
-        raise Unimplemented("UpsertItems is not served by this version yet")
+        items = validated_items(request.items, self._updates.max_batch, int(time.time()))
+        return self._live().upsert(items).to_proto()
 
     @grpc_errors
     def DeleteItems(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.DeleteItemsRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.CatalogUpdateResponse:
-        raise Unimplemented("DeleteItems is not served by this version yet")
+        item_ids = validated_ids(request.item_ids, "item_ids", self._updates.max_batch)
+        return self._live().delete(item_ids).to_proto()
 
     @grpc_errors
     def UpdateStock(  # noqa: N802 (gRPC method name)
         self, request: retrieval_pb2.UpdateStockRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.CatalogUpdateResponse:
-        raise Unimplemented("UpdateStock is not served by this version yet")
+        levels = validated_levels(request.levels, self._updates.max_batch)
+        return self._live().update_stock(levels).to_proto()
 
 
 def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
@@ -133,18 +212,29 @@ def load_text_encoder(settings: EmbeddingSettings) -> TextQueryEncoder:
     return TextQueryEncoder(encode=lambda text: embedder.encode([text])[0], model_id=embedder.model_id)
 
 
-def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSettings) -> RunningServer:
-    """Serve the current index artifact (or one shard of it); returns once SERVING (NOT_SERVING while loading)."""
+def start_retrieval_server(
+    settings: RetrievalSettings, embedding: EmbeddingSettings, text_encoder: TextQueryEncoder | None = None
+) -> RunningServer:
+    """Serve the current index artifact (or one shard of it); returns once SERVING (NOT_SERVING while loading).
+
+    ``text_encoder``: use this encoder instead of loading the configured text model (tests
+    pass a small real embedder); only when ``settings.text_queries`` is on.
+    """
     faiss.omp_set_num_threads(settings.search_threads)
     # numpy's BLAS too (the exact re-score): two BLAS threads per request on 2 shared cores
     # made a 5000 x 448 product 4-8x slower than one.
     threadpool_limits(limits=settings.search_threads, user_api="blas")
-    text_encoder: list[TextQueryEncoder | None] = []
+    encoders: list[TextQueryEncoder | None] = []
     artifact_name = shard_artifact_name(settings.index_name, settings.shard, settings.shards)
+    catalogs = LiveCatalogs()
+    wal_root = settings.updates.wal_dir or settings.artifacts
 
     def load(version: str | None) -> Retriever:
-        if not text_encoder:  # loaded once, with the first index, before SERVING
-            text_encoder.append(load_text_encoder(embedding) if settings.text_queries else None)
+        if not encoders:  # loaded once, with the first index, before SERVING
+            if not settings.text_queries:
+                encoders.append(None)
+            else:
+                encoders.append(text_encoder or load_text_encoder(embedding))
         loaded = load_index_artifact(
             settings.artifacts, settings.nprobe, artifact_name, version, refine_factor=settings.refine_factor
         )
@@ -154,9 +244,35 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
                 f"{artifact_name}/{loaded.version} holds shard {loaded.shard} of {loaded.shard_count}, "
                 f"but this server is configured for shard {settings.shard} of {settings.shards}"
             )
-        retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, text_encoder[0])
-        # One search before serving: the first caller should not pay for page faults.
-        retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+        # The version being replaced takes no more changes (UNAVAILABLE, retryable) while
+        # this one replays its log and the tail the build did not fold.
+        sealed = catalogs.seal_all()
+        log_existed = wal_path(wal_root, artifact_name, loaded.version).exists()
+        try:
+            live = open_live_catalog(
+                loaded,
+                artifact_name,
+                read_params(settings.artifacts, artifact_name, loaded.version),
+                wal_root,
+                settings.updates,
+                encoders[0],
+            )
+        except BaseException:
+            for catalog in sealed:
+                catalog.unseal()
+            raise
+        try:
+            retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, encoders[0])
+            # One search before serving: the first caller should not pay for page faults.
+            retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
+        except BaseException:
+            live.close()
+            if not log_existed:  # never served: the next attempt carries the tail over afresh
+                live.wal_file.unlink(missing_ok=True)
+            for catalog in sealed:
+                catalog.unseal()
+            raise
+        catalogs.add(live)
         return retriever
 
     served = Reloadable(
@@ -166,9 +282,16 @@ def start_retrieval_server(settings: RetrievalSettings, embedding: EmbeddingSett
         lambda retriever: retriever.loaded.version,
         lambda: current_version(settings.artifacts, artifact_name),
     )
+    auth = settings.auth
+    write_guard = (
+        [BearerTokenInterceptor(auth.token, WRITE_METHODS, require_for_all=False)] if auth.token is not None else []
+    )
     return start_server(
         SERVICE_NAME,
-        lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(RetrievalServicer(served), server),
+        lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(
+            RetrievalServicer(served, catalogs, settings.updates), server
+        ),
         settings,
         served,
+        interceptors=write_guard,
     )

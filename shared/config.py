@@ -171,6 +171,22 @@ class ServerSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
 
 
+class CatalogUpdateSettings(BaseModel):
+    """UpsertItems / DeleteItems / UpdateStock on the live index (docs/catalog-updates.md)."""
+
+    # Write-ahead logs: <wal_dir>/<index artifact name>-updates/<version>/wal.jsonl; None:
+    # the artifact root (retrieval.artifacts). The next build-index reads them from there too.
+    wal_dir: Path | None = None
+    # Items, ids or stock levels per call; a larger batch is refused (INVALID_ARGUMENT).
+    max_batch: int = Field(1000, ge=1, le=100_000)
+    # fsync every log write before acknowledging. Off: faster, but a machine crash (not a
+    # process crash) may lose acknowledged changes.
+    fsync: bool = True
+    # Items upserted since the build that one index version accepts; beyond it UpsertItems
+    # answers FAILED_PRECONDITION until a new build folds them in.
+    max_fresh_items: int = Field(100_000, ge=1)
+
+
 class RetrievalSettings(ServerSettings):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(9151, ge=0, le=65535)
@@ -190,6 +206,7 @@ class RetrievalSettings(ServerSettings):
     # <index_name>-shard-<shard>-of-<shards>. shards = 1: the whole index <index_name>.
     shard: int = Field(0, ge=0)
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    updates: CatalogUpdateSettings = CatalogUpdateSettings()
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> RetrievalSettings:
@@ -407,6 +424,10 @@ class RankingSettings(ServerSettings):
     history_length: int = Field(30, ge=1)
     query_half_life_days: float = Field(14.0, gt=0)
     predict_threads: int = Field(1, ge=1)
+    # Rows reserved in the ranker's item table for items upserted into the retrieval index
+    # after the ranker's snapshot (Candidate.fresh_item; ranking_service/fresh_items.py);
+    # 0: such candidates are dropped. Each reserved row costs an item-table row.
+    fresh_items: int = Field(1000, ge=0, le=1_000_000)
     # Compile the ranker's trees (lleaves) in the background after loading and use them once
     # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
     compiled_trees: bool = True
