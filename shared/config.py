@@ -80,6 +80,17 @@ class IndexTuningSettings(BaseModel):
     sample_queries: int = Field(200, ge=1)
 
 
+class CovisitationSettings(BaseModel):
+    """Item-to-item co-visitation from sessions (the ``covisitation`` candidate source)."""
+
+    # Items at most this many events apart in one session count as co-visited.
+    window: int = Field(10, ge=1)
+    # Each item keeps its top ``neighbours`` co-visited items.
+    neighbours: int = Field(50, ge=1)
+    # Older co-visits count less: weight halves every half_life_days before the build cutoff.
+    half_life_days: float = Field(60.0, gt=0)
+
+
 class IndexBuildSettings(BaseModel):
     """How the retrieval artifact is built; chosen values are recorded in its manifest."""
 
@@ -104,6 +115,9 @@ class IndexBuildSettings(BaseModel):
     tuning: IndexTuningSettings = IndexTuningSettings()
     history_length: int = Field(30, ge=1)
     history_half_life_days: float = Field(14.0, gt=0)
+    covisitation: CovisitationSettings = CovisitationSettings()
+    # The trending sources: interactions decayed with this half-life (popularity: history_half_life_days).
+    trending_half_life_days: float = Field(3.0, gt=0)
     seed: int = 7
     # Split the serving index into this many shards by a stable hash of the item id (users
     # by their id): one artifact per shard, <name>-shard-<i>-of-<shards>, all with the same
@@ -168,6 +182,30 @@ class ServerSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
 
 
+CandidateSourceName = Literal[
+    "fused", "content", "collaborative", "covisitation", "trending", "trending_category", "popular"
+]
+
+
+class SourceShare(BaseModel):
+    """One candidate source of the retrieval mix and the share of n it may fill."""
+
+    source: CandidateSourceName
+    share: float = Field(ge=0, le=1)
+
+
+def default_sources() -> list[SourceShare]:
+    # Chosen by measurement (docs/retrieval.md): the fused ANN stays dominant.
+    return [
+        SourceShare(source="fused", share=0.7),
+        SourceShare(source="covisitation", share=0.1),
+        SourceShare(source="content", share=0.05),
+        SourceShare(source="collaborative", share=0.05),
+        SourceShare(source="trending_category", share=0.05),
+        SourceShare(source="trending", share=0.05),
+    ]
+
+
 class RetrievalSettings(ServerSettings):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(9151, ge=0, le=65535)
@@ -187,11 +225,23 @@ class RetrievalSettings(ServerSettings):
     # <index_name>-shard-<shard>-of-<shards>. shards = 1: the whole index <index_name>.
     shard: int = Field(0, ge=0)
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    # The candidate mix (source -> share of n; shares are normalised); a request's `mix`
+    # replaces it. Unused quota flows to the other sources, so n is still reached.
+    sources: list[SourceShare] = Field(default_factory=default_sources, min_length=1)
+    # Filtered search: below this many matching items, score them all exactly (brute force).
+    exact_filter_below: int = Field(5000, ge=0)
+    # Declared preferences: the query is the popularity-weighted mean of at most this many
+    # of the most popular matching items.
+    preference_items: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> RetrievalSettings:
         if self.shard >= self.shards:
             raise ValueError(f"retrieval.shard must be below retrieval.shards ({self.shards}), got {self.shard}")
+        if len({entry.source for entry in self.sources}) != len(self.sources):
+            raise ValueError("retrieval.sources names a source twice")
+        if sum(entry.share for entry in self.sources) <= 0:
+            raise ValueError("retrieval.sources: the shares must have a positive sum")
         return self
 
 
