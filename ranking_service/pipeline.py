@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.artifact import LoadedRanker
-from ranking_service.candidates import CandidateStage
+from ranking_service.candidates import CandidateRequest, CandidateStage
 from ranking_service.explain import reasons
 from ranking_service.features import CandidateSet, FeatureBuilder, FeatureMatrix, RequestContext
 from ranking_service.retrieval_client import CandidateSource
@@ -25,6 +25,7 @@ from ranking_service.store import UserHistory
 from shared.config import RankingSettings
 from shared.data import DEVICES
 from shared.errors import InvalidArgument
+from shared.proto.vitrine.v1 import catalog_pb2
 from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
 
 # The label under which this service's metrics are recorded.
@@ -44,6 +45,9 @@ class RecommendQuery:
     device: str
     session_item_ids: Sequence[str]
     exclude_item_ids: Sequence[str]
+    # Declared tastes (used when the user has no history and no session) and a filter.
+    preferences: catalog_pb2.DeclaredPreferences | None = None
+    item_filter: catalog_pb2.ItemFilter | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,10 @@ class RankingPipeline:
                 f"context.session_item_ids has {len(query.session_item_ids)} ids; send the last {MAX_SESSION_ITEMS}",
                 field="context.session_item_ids",
             )
+        if query.preferences is not None and not (query.preferences.brands or query.preferences.categories):
+            raise InvalidArgument(
+                "preferences name no brand and no category; declare at least one", field="preferences"
+            )
         if not 0 <= query.timestamp <= MAX_TIMESTAMP:
             raise InvalidArgument(
                 f"context.timestamp must be unix seconds in 0..{MAX_TIMESTAMP} (0 = now), got {query.timestamp}",
@@ -140,7 +148,9 @@ class RankingPipeline:
         excluded = self._rows(query.exclude_item_ids)
         cold_start = not len(history) and not len(context.session_rows)
 
-        retrieved = self._candidates.retrieve(query.user_id, history, context, excluded, timeout_s)
+        retrieved = self._candidates.retrieve(
+            query.user_id, history, context, excluded, timeout_s, CandidateRequest(query.preferences, query.item_filter)
+        )
         lap("retrieve")
         CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))
         if retrieved.degraded_reason:

@@ -58,6 +58,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             device=DEVICE_NAMES.get(request.context.device, ""),
             session_item_ids=list(request.context.session_item_ids),
             exclude_item_ids=list(request.exclude_item_ids),
+            preferences=request.preferences if request.HasField("preferences") else None,
+            item_filter=request.filter if request.HasField("filter") else None,
         )
         pipeline = self._served.get()
         result = pipeline.recommend(query, self._retrieval_timeout(context))
