@@ -4,6 +4,7 @@ the real retrieval and ranking servers on loopback (generated data)."""
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import grpc
 import numpy as np
@@ -49,14 +50,14 @@ def _attributes(dataset: Dataset) -> dict[str, tuple[str, str, float]]:
     }
 
 
-def _retrieve(servers: Servers, **fields: object) -> retrieval_pb2.RetrieveResponse:
+def _retrieve(servers: Servers, **fields: Any) -> retrieval_pb2.RetrieveResponse:
     response: retrieval_pb2.RetrieveResponse = servers.retrieval.Retrieve(
         retrieval_pb2.RetrieveRequest(**fields), timeout=TIMEOUT_S
     )
     return response
 
 
-def _rejected(servers: Servers, **fields: object) -> grpc.RpcError:
+def _rejected(servers: Servers, **fields: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         _retrieve(servers, **fields)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
