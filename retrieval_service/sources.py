@@ -251,9 +251,9 @@ def merge(answers: dict[str, SourceAnswer], shares: dict[str, float], n: int) ->
     names = [name for name in shares if shares[name] > 0 and name in answers]
     # Every source's view of every row: rank and score (for tags and the primary source).
     seen: dict[int, dict[str, tuple[int, float]]] = {}
+    listed = {name: answers[name].rows.tolist() for name in names}
     for name in names:
-        answer = answers[name]
-        for rank, (row, score) in enumerate(zip(answer.rows.tolist(), answer.scores.tolist(), strict=True)):
+        for rank, (row, score) in enumerate(zip(listed[name], answers[name].scores.tolist(), strict=True)):
             seen.setdefault(row, {})[name] = (rank, score)
     taken: list[int] = []
     taken_set: set[int] = set()
@@ -261,15 +261,15 @@ def merge(answers: dict[str, SourceAnswer], shares: dict[str, float], n: int) ->
     active = [name for name in names if len(answers[name].rows)]
     while len(taken) < n and active:
         for name, quota in zip(active, quotas([shares[name] for name in active], n - len(taken)), strict=True):
-            rows = answers[name].rows
+            rows = listed[name]
             while quota > 0 and cursor[name] < len(rows):
-                row = int(rows[cursor[name]])
+                row = rows[cursor[name]]
                 cursor[name] += 1
                 if row not in taken_set:
                     taken.append(row)
                     taken_set.add(row)
                     quota -= 1
-        active = [name for name in active if cursor[name] < len(answers[name].rows)]
+        active = [name for name in active if cursor[name] < len(listed[name])]
     order = {name: position for position, name in enumerate(names)}
     primary, tags, scores, anchors = [], [], [], []
     anchor_of: dict[int, list[str]] = {}
@@ -278,10 +278,11 @@ def merge(answers: dict[str, SourceAnswer], shares: dict[str, float], n: int) ->
         for row, row_anchors in zip(answer.rows.tolist(), answer.anchors, strict=False):
             anchor_of.setdefault(row, row_anchors)
     for row in taken:
-        views = sorted(seen[row].items(), key=lambda item: (item[1][0], order[item[0]]))
-        primary.append(TAG[views[0][0]])
-        tags.append([TAG[name] for name, _ in views])
-        scores.append([float(score) for _, (_, score) in views])
+        views = seen[row]
+        names_of = sorted(views, key=lambda name: (views[name][0], order[name])) if len(views) > 1 else list(views)
+        primary.append(TAG[names_of[0]])
+        tags.append([TAG[name] for name in names_of])
+        scores.append([views[name][1] for name in names_of])
         anchors.append(anchor_of.get(row, []))
     return Merged(np.asarray(taken, dtype=np.int64), primary, tags, scores, anchors)
 
@@ -299,4 +300,5 @@ def inner_product_anchors(
     units = unit_halves(anchor_vectors, content_dim).astype(np.float32)
     products = (unit_halves(candidate_vectors, content_dim).astype(np.float32) @ units.T) * anchor_weights[None, :]
     best = np.argsort(-products, axis=1, kind="stable")[:, :MAX_ANCHORS]
-    return [[anchor_ids[int(a)] for a in row] for row in best]
+    named: list[list[str]] = np.asarray(anchor_ids, dtype=object)[best].tolist()
+    return named
