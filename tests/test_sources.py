@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from ranking_service.retrieval_client import RetrievalOptions, ShardedRetrievalClient
 from retrieval_service.source_tables import decayed_counts
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
@@ -373,3 +374,29 @@ def test_source_tables_are_checksummed_npy_files(artifacts: BuiltArtifacts) -> N
     neighbours = artifact.load_array("covisitation_neighbours.npy")
     assert neighbours.dtype == np.int32
     assert len(neighbours) > 0
+
+
+def test_scatter_gather_client_passes_filter_and_session(servers: Servers, dataset: Dataset) -> None:
+    """The two-step sharded client (here over one shard) sends the filter, mix and session
+    items with its vector step, and parses sources, anchors and stock."""
+    category = str(dataset.catalog.categories[0])
+    client = ShardedRetrievalClient(
+        [f"127.0.0.1:{servers.retrieval_server.port}"], query_share=0.4, service="test-sources"
+    )
+    try:
+        history = _history(dataset, length=5)
+        options = RetrievalOptions(
+            item_filter=catalog_pb2.ItemFilter(categories=[category]), session_item_ids=history[:2]
+        )
+        answer = client.by_history(history, [1.0] * len(history), 30, [], TIMEOUT_S, options)
+        attributes = _attributes(dataset)
+        assert answer.item_ids
+        assert {attributes[item][1] for item in answer.item_ids} == {category}
+        assert len(answer.sources) == len(answer.item_ids) == len(answer.anchor_ids)
+        assert answer.stock is not None
+        assert len(answer.stock) == len(answer.item_ids)
+        brand = Counter(dataset.catalog.brands.tolist()).most_common(1)[0][0]
+        preferred = client.by_preferences(catalog_pb2.DeclaredPreferences(brands=[brand]), 10, [], TIMEOUT_S)
+        assert {attributes[item][0] for item in preferred.item_ids} == {brand}
+    finally:
+        client.close()
