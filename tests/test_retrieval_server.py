@@ -33,7 +33,7 @@ def test_retrieve_by_user_returns_n_unique_scored_candidates(
     assert set(ids) <= set(dataset.catalog.item_ids.tolist())
     scores = [candidate.score for candidate in response.candidates]
     assert scores == sorted(scores, reverse=True)
-    # The configured mix: the fused ANN ("ann") and the other sources, each candidate once.
+    # The configured mix (default: the fused ANN, tagged "ann"); each candidate once.
     primary = {candidate.source for candidate in response.candidates}
     assert "ann" in primary
     assert primary <= {"ann", "content", "collaborative", "covisitation", "trending", "trending_category"}

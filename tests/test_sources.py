@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 from ranking_service.retrieval_client import RetrievalOptions, ShardedRetrievalClient
+from retrieval_service.server import start_retrieval_server
 from retrieval_service.source_tables import decayed_counts
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
-from shared.config import RetrievalSettings, VitrineSettings
+from shared.config import RetrievalSettings, SourceShare, VitrineSettings
 from shared.data import Dataset
-from shared.proto.vitrine.v1 import catalog_pb2, ranking_pb2, retrieval_pb2
+from shared.proto.vitrine.v1 import catalog_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
 
 TIMEOUT_S = 10
@@ -134,15 +135,44 @@ def test_sources_propose_sensible_items(servers: Servers, dataset: Dataset, sett
     assert {c.item_id for c in trending} == set(expected)
 
 
-def test_default_mix_merges_sources_without_duplicates_and_reaches_n(servers: Servers, dataset: Dataset) -> None:
-    history = _history(dataset)
-    response = _retrieve(servers, history=retrieval_pb2.ItemHistory(item_ids=history), n=200)
+MEASURED_MIX = [
+    retrieval_pb2.SourceQuota(source="fused", share=0.5),
+    retrieval_pb2.SourceQuota(source="collaborative", share=0.3),
+    retrieval_pb2.SourceQuota(source="covisitation", share=0.2),
+]
+
+
+def test_configured_mix_merges_sources_without_duplicates_and_reaches_n(
+    tmp_path_factory: pytest.TempPathFactory, artifacts: BuiltArtifacts, dataset: Dataset
+) -> None:
+    """A server configured with the measured three-source mix (retrieval.sources)."""
+    mix = [SourceShare(source=q.source, share=q.share) for q in MEASURED_MIX]
+    server = start_retrieval_server(
+        RetrievalSettings(
+            artifacts=artifacts.root, port=0, metrics_port=None, text_queries=False, max_candidates=500, sources=mix
+        ),
+        VitrineSettings().embedding,
+    )
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        stub = retrieval_pb2_grpc.RetrievalStub(channel)
+        history = _history(dataset)
+        response = stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(history=retrieval_pb2.ItemHistory(item_ids=history), n=200),
+            timeout=TIMEOUT_S,
+        )
+        _check_mix(response, mix)
+    finally:
+        channel.close()
+        server.stop()
+
+
+def _check_mix(response: retrieval_pb2.RetrieveResponse, mix: list[SourceShare]) -> None:
     ids = [c.item_id for c in response.candidates]
     assert len(ids) == len(set(ids)) == 200
     tags = Counter(tag for c in response.candidates for tag in c.sources)
     # Each source of the configured mix fills at least its share (the items it proposed that
     # another source took first are tagged with it too).
-    mix = RetrievalSettings().sources
     total = sum(entry.share for entry in mix)
     for entry in mix:
         tag = "ann" if entry.source == "fused" else entry.source
@@ -198,7 +228,7 @@ def test_a_known_user_gets_anchors_from_the_stored_history(servers: Servers, dat
 
 def test_session_items_feed_an_unknown_user(servers: Servers, dataset: Dataset) -> None:
     session = _history(dataset, length=2)
-    response = _retrieve(servers, user_id="stranger-with-a-session", n=40, session_item_ids=session)
+    response = _retrieve(servers, user_id="stranger-with-a-session", n=40, session_item_ids=session, mix=MEASURED_MIX)
     sources = {c.source for c in response.candidates}
     assert "popular" not in sources
     assert any("covisitation" in c.sources for c in response.candidates)
