@@ -32,7 +32,7 @@ from ranking_service.artifact import load_ranker_artifact, write_ranker_artifact
 from ranking_service.candidates import CandidateStage
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
-from ranking_service.retrieval_client import RetrievedCandidates
+from ranking_service.retrieval_client import NO_OPTIONS, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
@@ -44,6 +44,7 @@ from shared.commands import start_server_process, vitrine_command
 from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings
 from shared.data import Dataset
 from shared.logs import event
+from shared.proto.vitrine.v1 import catalog_pb2
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,30 @@ class InProcessRetrieval:
         )
 
     def by_history(
-        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude: Sequence[str], timeout_s: float
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
         return self._answer(self._retriever.by_history(item_ids, weights, n, exclude))
 
-    def by_user(self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float) -> RetrievedCandidates:
+    def by_user(
+        self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float, options: RetrievalOptions = NO_OPTIONS
+    ) -> RetrievedCandidates:
         return self._answer(self._retriever.by_user(user_id, n, exclude))
+
+    def by_preferences(
+        self,
+        preferences: catalog_pb2.DeclaredPreferences,
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates:
+        raise NotImplementedError("the benchmark sends no declared preferences")
 
     def wait_ready(self, timeout_s: float) -> None:
         return None

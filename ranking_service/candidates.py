@@ -2,7 +2,9 @@
 
 The query is the user's recent items (session first) weighted by recency and intent;
 a user with neither gets the retrieval service's answer for the bare user id, which
-is popular items for an id it does not know (cold start). When retrieval is down or
+is popular items for an id it does not know (cold start), or, when the caller declared
+preferences, the items matching them. A filter and the session items travel with the
+query. When retrieval is down or
 too slow, the stage answers from this service's own popular items and says so
 (``degraded``): a recommendation that is less personal beats an error on a shop page.
 With a sharded index, shards that fail leave the others' candidates (``partial``).
@@ -11,7 +13,9 @@ With a sharded index, shards that fail leave the others' candidates (``partial``
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -19,13 +23,16 @@ import numpy.typing as npt
 from ranking_service.features import CandidateSet, RequestContext
 from ranking_service.fresh_items import FreshItems
 from ranking_service.query import history_query
-from ranking_service.retrieval_client import CandidateSource
+from ranking_service.retrieval_client import CandidateSource, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings
 from shared.errors import Unavailable
 from shared.logs import event
+from shared.proto.vitrine.v1 import catalog_pb2
 
 log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,41 @@ class RetrievedSet:
     degraded_reason: str = ""
     # Sharded index: why some shards are missing from the candidates ("" when none is).
     partial_reason: str = ""
+
+
+@dataclass(frozen=True)
+class CandidateRequest:
+    """What the caller asked for besides the user: declared preferences (used when the user
+    has no history and no session), a filter applied inside the index search, and the
+    candidate mix of the user's experiment variant."""
+
+    preferences: catalog_pb2.DeclaredPreferences | None = None
+    item_filter: catalog_pb2.ItemFilter | None = None
+    # (source, share): the candidate mix of the user's experiment variant; empty: retrieval's own.
+    mix: tuple[tuple[str, float], ...] = ()
+
+
+NO_REQUEST = CandidateRequest()
+
+
+def _declared(preferences: catalog_pb2.DeclaredPreferences | None) -> bool:
+    return preferences is not None and bool(preferences.brands or preferences.categories)
+
+
+def filter_mask(items: ItemTable, item_filter: catalog_pb2.ItemFilter) -> npt.NDArray[np.bool_]:
+    """The rows the filter allows, from this service's snapshot (the popular-items fallback)."""
+    mask = np.ones(len(items), dtype=bool)
+    if item_filter.categories:
+        mask &= np.isin(items.categories, list(item_filter.categories))
+    if item_filter.brands:
+        mask &= np.isin(items.brands, list(item_filter.brands))
+    if item_filter.HasField("price_min"):
+        mask &= items.prices >= item_filter.price_min
+    if item_filter.HasField("price_max"):
+        mask &= items.prices <= item_filter.price_max
+    if item_filter.in_stock_only:
+        mask &= items.stock > 0
+    return mask
 
 
 class CandidateStage:
@@ -62,21 +104,27 @@ class CandidateStage:
         context: RequestContext,
         extra_exclusions: npt.NDArray[np.int32],
         timeout_s: float,
+        request: CandidateRequest = NO_REQUEST,
     ) -> RetrievedSet:
         exclude = np.union1d(history.purchased_rows(), extra_exclusions).astype(np.int32)
         try:
             if timeout_s <= 0:
                 raise Unavailable("no time left in the caller's deadline for the retrieval call")
-            return self._from_retrieval(user_id, history, context, exclude, timeout_s)
+            return self._from_retrieval(user_id, history, context, exclude, timeout_s, request)
         except Unavailable as error:
             if not self._settings.fallback_to_popular:
                 raise
             event(log, "retrieval failed; answering from popular items", level=logging.WARNING, error=str(error))
-            return self._fallback(exclude, reason="retrieval_unavailable")
+            return self._fallback(exclude, reason="retrieval_unavailable", request=request)
 
-    def _fallback(self, exclude: npt.NDArray[np.int32], reason: str) -> RetrievedSet:
+    def _fallback(
+        self, exclude: npt.NDArray[np.int32], reason: str, request: CandidateRequest = NO_REQUEST
+    ) -> RetrievedSet:
         n = self._settings.candidates
-        rows = self._popular_rows[: n + len(exclude)]
+        rows = self._popular_rows
+        if request.item_filter is not None:
+            rows = rows[filter_mask(self._items, request.item_filter)[rows]]
+        rows = rows[: n + len(exclude)]
         rows = rows[~np.isin(rows, exclude)][:n]
         return RetrievedSet(
             candidates=CandidateSet(
@@ -97,10 +145,17 @@ class CandidateStage:
         context: RequestContext,
         exclude: npt.NDArray[np.int32],
         timeout_s: float,
+        request: CandidateRequest = NO_REQUEST,
     ) -> RetrievedSet:
         item_ids = self._items.item_ids
         exclude_ids = item_ids[exclude].tolist()
         n = self._settings.candidates
+        options = RetrievalOptions(
+            item_filter=request.item_filter,
+            mix=request.mix,
+            session_item_ids=item_ids[context.session_rows].tolist(),
+        )
+        retrieved: RetrievedCandidates
         if len(history) or len(context.session_rows):
             rows, weights = history_query(
                 history,
@@ -109,9 +164,13 @@ class CandidateStage:
                 self._settings.history_length,
                 self._settings.query_half_life_days,
             )
-            retrieved = self._retrieval.by_history(item_ids[rows].tolist(), weights.tolist(), n, exclude_ids, timeout_s)
+            retrieved = self._retrieval.by_history(
+                item_ids[rows].tolist(), weights.tolist(), n, exclude_ids, timeout_s, options
+            )
+        elif request.preferences is not None and _declared(request.preferences):
+            retrieved = self._retrieval.by_preferences(request.preferences, n, exclude_ids, timeout_s, options)
         else:
-            retrieved = self._retrieval.by_user(user_id, n, exclude_ids, timeout_s)
+            retrieved = self._retrieval.by_user(user_id, n, exclude_ids, timeout_s, options)
         # Items upserted after the snapshot get rows from their attributes; other ids this
         # snapshot does not know (from a newer index) cannot be featurised.
         if self._fresh is not None and retrieved.fresh_items:
@@ -127,7 +186,21 @@ class CandidateStage:
                 content_scores=retrieved.content_scores[known],
                 collaborative_scores=retrieved.collaborative_scores[known],
                 from_popular=retrieved.from_popular,
+                sources=_kept(retrieved.sources, known),
+                source_scores=_kept(retrieved.source_scores, known),
+                anchor_rows=tuple(
+                    np.asarray([item_row[a] for a in anchors if a in item_row], dtype=np.int32)
+                    for anchors in _kept(retrieved.anchor_ids, known)
+                ),
+                stock=retrieved.stock[known] if retrieved.stock is not None else None,
             ),
             index_version=retrieved.index_version,
             partial_reason=retrieved.partial_reason,
         )
+
+
+def _kept(values: Sequence[tuple[Item, ...]], known: npt.NDArray[np.bool_]) -> tuple[tuple[Item, ...], ...]:
+    """The entries of the known candidates (empty when the answer carried none)."""
+    if len(values) != len(known):
+        return ()
+    return tuple(value for value, keep in zip(values, known.tolist(), strict=True) if keep)

@@ -8,6 +8,7 @@ what each feature means.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,16 @@ FEATURE_NAMES: tuple[str, ...] = (
     "hour_of_day",
     "day_of_week",
     "device",
+    "source_count",
+    "from_fused_source",
+    "from_content_source",
+    "from_collaborative_source",
+    "from_covisitation_source",
+    "from_trending_source",
+    "from_trending_category_source",
+    "source_covisitation_score",
+    "source_trending_score",
+    "source_trending_category_score",
 )
 CATEGORICAL_FEATURES: tuple[str, ...] = ("item_category", "device")
 FEATURE_INDEX = {name: column for column, name in enumerate(FEATURE_NAMES)}
@@ -63,6 +74,22 @@ RECENT_FOR_SIMILARITY = 5
 MAX_HISTORY_FOR_FEATURES = 500
 # "Never" for day counts: a large finite number keeps trees and logs simple.
 NEVER_DAYS = 365.0
+# Retrieval source tags (Candidate.sources) -> the indicator feature of each.
+SOURCE_FEATURES: dict[str, str] = {
+    "ann": "from_fused_source",
+    "content": "from_content_source",
+    "collaborative": "from_collaborative_source",
+    "covisitation": "from_covisitation_source",
+    "trending": "from_trending_source",
+    "trending_category": "from_trending_category_source",
+}
+# Sources whose own score is a feature, relative to the request's best (their scales are
+# sums of co-visits or decayed counts, which move with the dataset).
+SOURCE_SCORE_FEATURES: dict[str, str] = {
+    "covisitation": "source_covisitation_score",
+    "trending": "source_trending_score",
+    "trending_category": "source_trending_category_score",
+}
 
 
 @dataclass(frozen=True)
@@ -84,6 +111,8 @@ class CandidateSet:
     # Per candidate, the retrieval sources that proposed it ("collaborative", "covisitation"...);
     # empty when the answer did not say (the popular-items fallback).
     sources: tuple[tuple[str, ...], ...] = ()
+    # Per candidate, each source's score, in the order of ``sources``.
+    source_scores: tuple[tuple[float, ...], ...] = ()
     # Per candidate, catalogue rows of the history or session items that led retrieval to it,
     # strongest first; empty when unknown.
     anchor_rows: tuple[npt.NDArray[np.int32], ...] = ()
@@ -146,7 +175,8 @@ class FeatureBuilder:
         put("item_log_purchases", stats.log_purchases[rows])
         put("item_conversion_rate", stats.conversion_rate[rows])
         put("item_log_price", self._log_prices(rows))
-        put("item_in_stock", (items.stock[rows] > 0).astype(np.float32))
+        stock = candidates.stock if candidates.stock is not None and len(candidates.stock) == n else items.stock[rows]
+        put("item_in_stock", (stock > 0).astype(np.float32))
         put("item_age_days", np.maximum(now - items.created_at[rows], 0) / SECONDS_PER_DAY)
         put("item_category", items.category_codes[rows])
 
@@ -219,11 +249,36 @@ class FeatureBuilder:
             put("co_interaction_mean", score / anchor_weights.sum())
             put("co_interaction_max", similar.max(axis=0).toarray().ravel())
 
+        self._source_features(candidates, put)
+
         moment = dt.datetime.fromtimestamp(now, dt.UTC)
         put("hour_of_day", moment.hour)
         put("day_of_week", moment.weekday())
         put("device", DEVICES.index(context.device) if context.device in DEVICES else -1)
         return FeatureMatrix(values=values, closest_history_row=closest_row, closest_history_code=closest_code)
+
+    @staticmethod
+    def _source_features(candidates: CandidateSet, put: Callable[[str, npt.ArrayLike], None]) -> None:
+        """Which retrieval sources proposed each candidate, and the scores of some of them."""
+        n = len(candidates.rows)
+        if len(candidates.sources) != n:
+            return
+        flags = {name: np.zeros(n, np.float32) for name in SOURCE_FEATURES.values()}
+        scores = {name: np.zeros(n, np.float64) for name in SOURCE_SCORE_FEATURES.values()}
+        has_scores = len(candidates.source_scores) == n
+        for position, tags in enumerate(candidates.sources):
+            values = candidates.source_scores[position] if has_scores else ()
+            for slot, tag in enumerate(tags):
+                if tag in SOURCE_FEATURES:
+                    flags[SOURCE_FEATURES[tag]][position] = 1.0
+                if tag in SOURCE_SCORE_FEATURES and slot < len(values):
+                    scores[SOURCE_SCORE_FEATURES[tag]][position] = values[slot]
+        put("source_count", np.asarray([len(tags) for tags in candidates.sources], np.float32))
+        for name, column in flags.items():
+            put(name, column)
+        for name, score in scores.items():
+            top = float(score.max(initial=0.0))
+            put(name, score / top if top > 0 else score)
 
 
 INTENT_VERB = {PURCHASE: "bought", CART: "added to your cart", WISHLIST: "added to your wishlist"}

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.artifact import LoadedRanker
-from ranking_service.candidates import CandidateStage
+from ranking_service.candidates import CandidateRequest, CandidateStage
 from ranking_service.experiments import assign
 from ranking_service.explain import Contribution, explanations, reasons
 from ranking_service.features import (
@@ -36,6 +36,7 @@ from ranking_service.store import UserHistory
 from shared.config import RankingSettings, RulesOverrides, RulesSettings
 from shared.data import DEVICES
 from shared.errors import InvalidArgument
+from shared.proto.vitrine.v1 import catalog_pb2
 from shared.telemetry import CANDIDATES, DEGRADED, PARTIAL, STAGE_LATENCY
 
 # The label under which this service's metrics are recorded.
@@ -65,6 +66,9 @@ class RecommendQuery:
     surface: str = ""
     rules: RulesOverrides | None = None
     explain: bool = False
+    # Declared tastes (used when the user has no history and no session) and a filter.
+    preferences: catalog_pb2.DeclaredPreferences | None = None
+    item_filter: catalog_pb2.ItemFilter | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,10 @@ class RankingPipeline:
             raise InvalidArgument(
                 f"context.session_item_ids has {len(query.session_item_ids)} ids; send the last {MAX_SESSION_ITEMS}",
                 field="context.session_item_ids",
+            )
+        if query.preferences is not None and not (query.preferences.brands or query.preferences.categories):
+            raise InvalidArgument(
+                "preferences name no brand and no category; declare at least one", field="preferences"
             )
         if not 0 <= query.timestamp <= MAX_TIMESTAMP:
             raise InvalidArgument(
@@ -278,9 +286,18 @@ class RankingPipeline:
         scorer = self._pinned_scorers[pinned_version] if pinned_version else self.scorer
         booster = self._pinned_boosters[pinned_version] if pinned_version else self.ranker.booster
 
-        # variant.candidate_mix is the source mix this user's variant asks retrieval for (recorded
-        # in the result and the log; the retrieval client sends it once it takes a mix).
-        retrieved = self._candidates.retrieve(query.user_id, history, context, excluded, timeout_s)
+        retrieved = self._candidates.retrieve(
+            query.user_id,
+            history,
+            context,
+            excluded,
+            timeout_s,
+            CandidateRequest(
+                query.preferences,
+                query.item_filter,
+                tuple((mix.source, mix.share) for mix in variant.candidate_mix) if variant else (),
+            ),
+        )
         lap("retrieve")
         CANDIDATES.labels(RANKING_SERVICE).observe(len(retrieved.candidates.rows))
         if retrieved.degraded_reason:

@@ -13,6 +13,11 @@ and gathers the answers in two steps, both in parallel over all shards:
 A shard that fails or misses its deadline does not fail the request: the answer is the
 merge of the other shards, flagged ``partial_reason``. Only when no shard answers does
 the call raise :class:`Unavailable` (and the caller falls back to popular items).
+
+Filters, the source mix and session items travel with every query (:class:`RetrievalOptions`).
+Not shard-exact: the co-visitation and trending-category sources see only the session
+items in step 2 (the history reaches the shards as a summed vector), and declared
+preferences are answered by every shard from its own items, merged by score.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -64,6 +69,32 @@ class RetrievedCandidates:
     # Per candidate, the attributes of an item upserted after the index build (None: a
     # catalogue item); empty when the answer did not say.
     fresh_items: tuple[catalog_pb2.ItemAttributes | None, ...] = ()
+    # Per candidate: every source that proposed it and that source's score, the history or
+    # session items that led to it, and the stock retrieval reports (empty: not reported).
+    sources: tuple[tuple[str, ...], ...] = ()
+    source_scores: tuple[tuple[float, ...], ...] = ()
+    anchor_ids: tuple[tuple[str, ...], ...] = ()
+    stock: npt.NDArray[np.int64] | None = None
+
+
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """What a query carries besides itself (see RetrieveRequest)."""
+
+    item_filter: catalog_pb2.ItemFilter | None = None
+    # (source, share); empty: the retrieval service's configured mix.
+    mix: Sequence[tuple[str, float]] = ()
+    session_item_ids: Sequence[str] = field(default_factory=list)
+
+    def apply(self, request: retrieval_pb2.RetrieveRequest) -> retrieval_pb2.RetrieveRequest:
+        if self.item_filter is not None:
+            request.filter.CopyFrom(self.item_filter)
+        request.mix.extend(retrieval_pb2.SourceQuota(source=source, share=share) for source, share in self.mix)
+        request.session_item_ids.extend(self.session_item_ids)
+        return request
+
+
+NO_OPTIONS = RetrievalOptions()
 
 
 class CandidateSource(Protocol):
@@ -72,10 +103,27 @@ class CandidateSource(Protocol):
     target: str
 
     def by_history(
-        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude: Sequence[str], timeout_s: float
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates: ...
 
-    def by_user(self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float) -> RetrievedCandidates: ...
+    def by_user(
+        self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float, options: RetrievalOptions = NO_OPTIONS
+    ) -> RetrievedCandidates: ...
+
+    def by_preferences(
+        self,
+        preferences: catalog_pb2.DeclaredPreferences,
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates: ...
 
     def wait_ready(self, timeout_s: float) -> None: ...
 
@@ -121,6 +169,10 @@ def _candidates(
         index_version=index_version,
         partial_reason=partial_reason,
         fresh_items=tuple(c.fresh_item if c.HasField("fresh_item") else None for c in candidates),
+        sources=tuple(tuple(c.sources) or (c.source,) for c in candidates),
+        source_scores=tuple(tuple(c.source_scores) or (c.score,) for c in candidates),
+        anchor_ids=tuple(tuple(c.anchor_item_ids) for c in candidates),
+        stock=np.fromiter((c.stock for c in candidates), np.int64, len(candidates)),
     )
 
 
@@ -180,15 +232,35 @@ class RetrievalClient:
         return _candidates(response.candidates, response.index_version)
 
     def by_history(
-        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude: Sequence[str], timeout_s: float
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
         request = retrieval_pb2.RetrieveRequest(
             history=retrieval_pb2.ItemHistory(item_ids=item_ids, weights=weights), n=n, exclude_item_ids=exclude
         )
-        return self._call(request, timeout_s)
+        return self._call(options.apply(request), timeout_s)
 
-    def by_user(self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float) -> RetrievedCandidates:
-        return self._call(retrieval_pb2.RetrieveRequest(user_id=user_id, n=n, exclude_item_ids=exclude), timeout_s)
+    def by_user(
+        self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float, options: RetrievalOptions = NO_OPTIONS
+    ) -> RetrievedCandidates:
+        request = retrieval_pb2.RetrieveRequest(user_id=user_id, n=n, exclude_item_ids=exclude)
+        return self._call(options.apply(request), timeout_s)
+
+    def by_preferences(
+        self,
+        preferences: catalog_pb2.DeclaredPreferences,
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates:
+        request = retrieval_pb2.RetrieveRequest(preferences=preferences, n=n, exclude_item_ids=exclude)
+        return self._call(options.apply(request), timeout_s)
 
 
 def newest_majority_version(versions: Iterable[str]) -> str:
@@ -256,21 +328,49 @@ class ShardedRetrievalClient:
             shard.wait_ready(max(deadline - time.monotonic(), 0.0))
 
     def by_history(
-        self, item_ids: Sequence[str], weights: Sequence[float], n: int, exclude: Sequence[str], timeout_s: float
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
         history = retrieval_pb2.ItemHistory(item_ids=item_ids, weights=weights)
         return self._gather(
             retrieval_pb2.QueryVectorRequest(history=history),
-            retrieval_pb2.RetrieveRequest(history=history, n=n, exclude_item_ids=exclude),
+            options.apply(retrieval_pb2.RetrieveRequest(history=history, n=n, exclude_item_ids=exclude)),
             timeout_s,
         )
 
-    def by_user(self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float) -> RetrievedCandidates:
+    def by_user(
+        self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float, options: RetrievalOptions = NO_OPTIONS
+    ) -> RetrievedCandidates:
         return self._gather(
             retrieval_pb2.QueryVectorRequest(user_id=user_id),
-            retrieval_pb2.RetrieveRequest(user_id=user_id, n=n, exclude_item_ids=exclude),
+            options.apply(retrieval_pb2.RetrieveRequest(user_id=user_id, n=n, exclude_item_ids=exclude)),
             timeout_s,
         )
+
+    def by_preferences(
+        self,
+        preferences: catalog_pb2.DeclaredPreferences,
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates:
+        """Every shard answers from its own items (not shard-exact: each builds its own query)."""
+        request = options.apply(retrieval_pb2.RetrieveRequest(preferences=preferences, n=n, exclude_item_ids=exclude))
+        searched = self._scatter(
+            lambda shard, timeout: shard.start_retrieve(request, timeout), range(len(self._shards)), timeout_s, "search"
+        )
+        if not searched.answers:
+            raise Unavailable(f"no retrieval shard answered: {'; '.join(searched.failures.values())}")
+        version = newest_majority_version(answer.index_version for answer in searched.answers.values())
+        answers = [answer for answer in searched.answers.values() if answer.index_version == version]
+        reason = PARTIAL_SHARD_FAILED if searched.failures else ""
+        return _candidates(merge_answers(answers, n), version, reason)
 
     def _scatter(
         self,
@@ -331,7 +431,11 @@ class ShardedRetrievalClient:
                 vector=retrieval_pb2.FloatVector(values=query.tolist()),
                 n=direct_request.n,
                 exclude_item_ids=direct_request.exclude_item_ids,
+                mix=direct_request.mix,
+                session_item_ids=direct_request.session_item_ids,
             )
+            if direct_request.HasField("filter"):
+                request.filter.CopyFrom(direct_request.filter)
         else:
             # No shard holds any of the query: each answers with its popular items, which
             # are scored by their rank in the whole catalogue and so merge like vectors do.

@@ -145,6 +145,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
             surface=request.surface,
             rules=rule_overrides(request),
             explain=request.explain,
+            preferences=request.preferences if request.HasField("preferences") else None,
+            item_filter=request.filter if request.HasField("filter") else None,
         )
         pipeline = self._served.get()
         result = pipeline.recommend(query, self._retrieval_timeout(context))

@@ -4,8 +4,10 @@ Files: ``index.faiss`` (IVF-PQ), ``item_ids.npy``, ``item_vectors.npy`` (fused,
 float16, for exact re-scoring, history queries and SimilarItems), ``user_ids.npy`` and
 ``user_vectors.npy`` (query per known user), ``popular_items.npy`` (item rows, most
 popular first, for users with no history) and ``popular_ranks.npy`` (their ranks in the
-whole catalogue), ``item_stock.npy`` (stock per item row at build time; UpsertItems and
-UpdateStock change the live copy, see retrieval_service/updates.py). A sharded build writes one such artifact per shard
+whole catalogue); the candidate sources' tables (attributes, trending, co-visitation,
+users' recent items: see :mod:`retrieval_service.source_tables`), whose ``item_stock.npy``
+is also the build-time stock that UpsertItems and UpdateStock change in the live copy (see
+retrieval_service/updates.py). A sharded build writes one such artifact per shard
 (``<root>/index-shard-<i>-of-<n>/<version>/``) holding that shard's items and users.
 """
 
@@ -23,6 +25,13 @@ import numpy.typing as npt
 
 from retrieval_service.index import REFINE_FACTOR, IndexLayout, VectorIndex, build_index, choose_layout
 from retrieval_service.shards import shard_artifact_name, shard_assignments
+from retrieval_service.source_tables import (
+    GlobalTables,
+    SourceTables,
+    global_tables,
+    load_source_tables,
+    write_shard_tables,
+)
 from retrieval_service.tuning import tune_search
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact, set_current
@@ -56,8 +65,10 @@ class IndexTables:
     user_vectors: npt.NDArray[np.float16]
     popular_rows: npt.NDArray[np.int32]
     popular_ranks: npt.NDArray[np.int32]
-    # Stock per item row; None: not recorded (artifacts before catalogue updates).
-    item_stock: npt.NDArray[np.int64] | None = None
+    # The candidate sources' tables: (whole-build tables, dataset, popularity, item rows, user rows).
+    sources: (
+        tuple[GlobalTables, Dataset, npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.int64]] | None
+    ) = None
 
 
 def write_index_artifact(
@@ -79,8 +90,8 @@ def write_index_artifact(
         writer.save_array("user_vectors.npy", tables.user_vectors)
         writer.save_array("popular_items.npy", tables.popular_rows)
         writer.save_array("popular_ranks.npy", tables.popular_ranks)
-        if tables.item_stock is not None:
-            writer.save_array("item_stock.npy", tables.item_stock)
+        if tables.sources is not None:
+            write_shard_tables(writer, *tables.sources)
         return writer.commit(KIND, params, metrics, make_current=make_current)
 
 
@@ -141,6 +152,7 @@ def build_index_artifacts(
     global_rank = np.empty(n_items, dtype=np.int32)
     global_rank[popular_rows] = np.arange(n_items, dtype=np.int32)
 
+    source_tables = global_tables(dataset, events, cutoff, settings)
     item_shard = shard_assignments(catalog.item_ids.tolist(), shards)
     user_shard = shard_assignments(dataset.users.user_ids.tolist(), shards)
     version = new_version()
@@ -207,7 +219,7 @@ def build_index_artifacts(
             user_vectors=queries[users].astype(np.float16),
             popular_rows=local_row[shard_popular],
             popular_ranks=global_rank[shard_popular],
-            item_stock=catalog.stock[item_rows].astype(np.int64),
+            sources=(source_tables, dataset, popularity, item_rows, np.flatnonzero(users)),
         )
         # Every shard's CURRENT moves only once all shards are written: serving shards
         # never straddle two versions longer than their reload polls take.
@@ -247,10 +259,19 @@ class LoadedIndex:
     build: IndexBuildSettings
     shard: int
     shard_count: int
-    # Current stock per item row (UpdateStock and UpsertItems change it at once).
+    # Current stock per item row (UpdateStock and UpsertItems change it at once): the one
+    # accessor every reader of stock uses.
     stock: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # Rows 0..base_items-1 came from the artifact; later rows were upserted while serving.
     base_items: int = 0
+    # Attributes, trending, co-visitation and users' recent items (empty for older artifacts).
+    tables: SourceTables | None = None
+
+    @property
+    def sources(self) -> SourceTables:
+        if self.tables is None:
+            raise ValueError("this index was loaded without its source tables")
+        return self.tables
 
 
 def describe_layout(layout: IndexLayout) -> str:
@@ -320,6 +341,7 @@ def load_index_artifact(
         shard_count=int(params.get("shard_count", 1)),
         stock=stock,
         base_items=len(item_ids),
+        tables=load_source_tables(artifact, len(item_ids), len(user_ids)),
     )
     event(
         log,

@@ -318,6 +318,45 @@ class VectorIndex:
         best = np.argsort(-scores, kind="stable")[:n]
         return rows[best], scores[best]
 
+    def search_allowed(
+        self, query: npt.NDArray[np.float32], n: int, allowed: npt.NDArray[np.bool_], exact_below: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Best ``n`` rows among the rows where ``allowed`` is true (a filter with the exclusions
+        already removed). The IVF-PQ search is restricted by an ID selector; when fewer than
+        ``exact_below`` rows are allowed, or the probed lists hold fewer than ``n`` of them,
+        the allowed rows are scored exactly instead (brute force over them: exact and cheap)."""
+        with self._lock.reading():  # FAISS must not add to the lists during a search
+            return self._search_allowed(query, n, allowed, exact_below)
+
+    def _search_allowed(
+        self, query: npt.NDArray[np.float32], n: int, allowed: npt.NDArray[np.bool_], exact_below: int
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        if len(self._retired):
+            allowed = allowed.copy()
+            allowed[self._retired[self._retired < len(allowed)]] = False
+        matching = np.flatnonzero(allowed).astype(np.int64)
+        n = min(n, len(matching))
+        if n <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if self._is_ivf and len(matching) >= exact_below:
+            # The bitmap and the selector must stay referenced until the search returns.
+            bitmap = np.packbits(allowed.astype(np.uint8), bitorder="little")
+            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
+            params = faiss.SearchParametersIVF()
+            params.sel = selector
+            params.nprobe = self._nprobe
+            shortlist = min(len(matching), n * self._refine_factor)
+            _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
+            rows = found[0][found[0] >= 0].astype(np.int64)
+            if len(rows) >= n:
+                scores = (self.decoded(rows) @ query[0].astype(np.float32)).astype(np.float32)
+                best = np.argsort(-scores, kind="stable")[:n]
+                return rows[best], scores[best]
+        scores = (self.decoded(matching) @ query[0].astype(np.float32)).astype(np.float32)
+        top = np.argpartition(-scores, n - 1)[:n] if n < len(matching) else np.arange(len(matching))
+        best = top[np.argsort(-scores[top], kind="stable")]
+        return matching[best], scores[best]
+
     def exact_search(self, queries: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.int64]:
         """Exact top ``n`` rows per query (brute force), the reference for recall."""
         scores = queries.astype(np.float32) @ self._vectors.astype(np.float32).T

@@ -12,7 +12,15 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from retrieval_service.artifact import load_index_artifact
-from retrieval_service.retriever import Candidates, QueryPart, Retriever, TextQueryEncoder
+from retrieval_service.retriever import (
+    Candidates,
+    ItemFilterSpec,
+    Preferences,
+    QueryOptions,
+    QueryPart,
+    Retriever,
+    TextQueryEncoder,
+)
 from retrieval_service.shards import shard_artifact_name
 from retrieval_service.updates import (
     LiveCatalog,
@@ -27,7 +35,7 @@ from shared.artifacts import ArtifactError, current_version
 from shared.config import CatalogUpdateSettings, EmbeddingSettings, RetrievalSettings
 from shared.errors import FailedPrecondition, InvalidArgument, grpc_errors
 from shared.grpc_server import RunningServer, start_server
-from shared.proto.vitrine.v1 import retrieval_pb2, retrieval_pb2_grpc
+from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2, retrieval_pb2_grpc
 from shared.reloading import Reloadable
 from shared.security import BearerTokenInterceptor
 
@@ -68,15 +76,13 @@ class LiveCatalogs:
 def annotated(
     response: retrieval_pb2.RetrieveResponse, retriever: Retriever, catalogs: LiveCatalogs
 ) -> retrieval_pb2.RetrieveResponse:
-    """Each candidate's current stock, and the attributes of items upserted since the build."""
-    loaded = retriever.loaded
-    live = catalogs.get(loaded.version)
-    item_row, stock = loaded.item_row, loaded.stock
+    """The attributes of the candidates upserted since the build (the ranking service's
+    snapshot does not know them)."""
+    live = catalogs.get(retriever.loaded.version)
+    if live is None:
+        return response
     for candidate in response.candidates:
-        row = item_row.get(candidate.item_id)
-        if row is not None and row < len(stock):
-            candidate.stock = int(stock[row])
-        fresh = live.fresh_item(candidate.item_id) if live is not None else None
+        fresh = live.fresh_item(candidate.item_id)
         if fresh is not None:
             candidate.fresh_item.CopyFrom(fresh.to_proto())
     return response
@@ -88,15 +94,24 @@ def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
             retrieval_pb2.Candidate(
                 item_id=item_id,
                 score=score,
-                source=candidates.source,
+                source=source,
                 content_score=content,
                 collaborative_score=collaborative,
+                sources=sources,
+                source_scores=source_scores,
+                anchor_item_ids=anchors,
+                stock=stock,
             )
-            for item_id, score, content, collaborative in zip(
+            for item_id, score, content, collaborative, source, sources, source_scores, anchors, stock in zip(
                 candidates.item_ids,
                 candidates.scores,
                 candidates.content_scores,
                 candidates.collaborative_scores,
+                candidates.primary_sources,
+                candidates.sources,
+                candidates.source_scores,
+                candidates.anchors,
+                candidates.stock,
                 strict=True,
             )
         ],
@@ -104,6 +119,26 @@ def _response(candidates: Candidates) -> retrieval_pb2.RetrieveResponse:
         dimension=candidates.dimension,
         shard=candidates.shard,
         shard_count=candidates.shard_count,
+    )
+
+
+def item_filter(message: catalog_pb2.ItemFilter) -> ItemFilterSpec | None:
+    spec = ItemFilterSpec(
+        categories=list(message.categories),
+        brands=list(message.brands),
+        price_min=message.price_min if message.HasField("price_min") else None,
+        price_max=message.price_max if message.HasField("price_max") else None,
+        in_stock_only=message.in_stock_only,
+    )
+    return None if spec.empty else spec
+
+
+def preferences(message: catalog_pb2.DeclaredPreferences) -> Preferences:
+    return Preferences(
+        brands=list(message.brands),
+        categories=list(message.categories),
+        price_min=message.price_min if message.HasField("price_min") else None,
+        price_max=message.price_max if message.HasField("price_max") else None,
     )
 
 
@@ -143,19 +178,26 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
     ) -> retrieval_pb2.RetrieveResponse:
         retriever = self._served.get()
         exclude = list(request.exclude_item_ids)
+        options = QueryOptions(
+            filter=item_filter(request.filter) if request.HasField("filter") else None,
+            mix=[(quota.source, quota.share) for quota in request.mix],
+            session_item_ids=list(request.session_item_ids),
+        )
         query = request.WhichOneof("query")
         if query == "user_id":
-            candidates = retriever.by_user(request.user_id, request.n, exclude)
+            candidates = retriever.by_user(request.user_id, request.n, exclude, options)
         elif query == "history":
             candidates = retriever.by_history(
-                list(request.history.item_ids), list(request.history.weights), request.n, exclude
+                list(request.history.item_ids), list(request.history.weights), request.n, exclude, options
             )
         elif query == "vector":
-            candidates = retriever.by_vector(list(request.vector.values), request.n, exclude)
+            candidates = retriever.by_vector(list(request.vector.values), request.n, exclude, options)
         elif query == "text":
-            candidates = retriever.by_text(request.text, request.n, exclude)
+            candidates = retriever.by_text(request.text, request.n, exclude, options)
+        elif query == "preferences":
+            candidates = retriever.by_preferences(preferences(request.preferences), request.n, exclude, options)
         else:
-            raise InvalidArgument("set one query: user_id, history, vector or text", field="query")
+            raise InvalidArgument("set one query: user_id, history, vector, text or preferences", field="query")
         return annotated(_response(candidates), retriever, self._catalogs)
 
     @grpc_errors
@@ -163,8 +205,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
         self, request: retrieval_pb2.SimilarItemsRequest, context: grpc.ServicerContext
     ) -> retrieval_pb2.RetrieveResponse:
         retriever = self._served.get()
+        spec = item_filter(request.filter) if request.HasField("filter") else None
         return annotated(
-            _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids))),
+            _response(retriever.similar_items(request.item_id, request.n, list(request.exclude_item_ids), spec)),
             retriever,
             self._catalogs,
         )
@@ -262,7 +305,15 @@ def start_retrieval_server(
                 catalog.unseal()
             raise
         try:
-            retriever = Retriever(loaded, settings.max_candidates, settings.max_exclusions, encoders[0])
+            retriever = Retriever(
+                loaded,
+                settings.max_candidates,
+                settings.max_exclusions,
+                encoders[0],
+                mix=settings.sources,
+                exact_filter_below=settings.exact_filter_below,
+                preference_items=settings.preference_items,
+            )
             # One search before serving: the first caller should not pay for page faults.
             retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
         except BaseException:

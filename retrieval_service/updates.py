@@ -520,6 +520,13 @@ class LiveCatalog:
         self._stock = _appended(self._stock, size, np.asarray([item.stock for item in items], dtype=np.int64))
         loaded.item_ids = self._ids[: size + len(items)]
         loaded.stock = self._stock[: size + len(items)]
+        if loaded.tables is not None and loaded.tables.has_attributes:
+            # Filters and declared preferences read attributes by row: new rows need theirs.
+            loaded.tables = loaded.tables.with_items(
+                [item.category for item in items],
+                [item.brand for item in items],
+                np.asarray([item.price for item in items], dtype=np.float64),
+            )
         rows = loaded.index.add(fused, retire=replaced)
         for item, row in zip(items, rows.tolist(), strict=True):
             loaded.item_row[item.item_id] = row

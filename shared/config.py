@@ -80,6 +80,17 @@ class IndexTuningSettings(BaseModel):
     sample_queries: int = Field(200, ge=1)
 
 
+class CovisitationSettings(BaseModel):
+    """Item-to-item co-visitation from sessions (the ``covisitation`` candidate source)."""
+
+    # Items at most this many events apart in one session count as co-visited.
+    window: int = Field(10, ge=1)
+    # Each item keeps its top ``neighbours`` co-visited items.
+    neighbours: int = Field(50, ge=1)
+    # Older co-visits count less: weight halves every half_life_days before the build cutoff.
+    half_life_days: float = Field(60.0, gt=0)
+
+
 class IndexBuildSettings(BaseModel):
     """How the retrieval artifact is built; chosen values are recorded in its manifest."""
 
@@ -104,6 +115,9 @@ class IndexBuildSettings(BaseModel):
     tuning: IndexTuningSettings = IndexTuningSettings()
     history_length: int = Field(30, ge=1)
     history_half_life_days: float = Field(14.0, gt=0)
+    covisitation: CovisitationSettings = CovisitationSettings()
+    # The trending sources: interactions decayed with this half-life (popularity: history_half_life_days).
+    trending_half_life_days: float = Field(3.0, gt=0)
     seed: int = 7
     # Split the serving index into this many shards by a stable hash of the item id (users
     # by their id): one artifact per shard, <name>-shard-<i>-of-<shards>, all with the same
@@ -187,6 +201,26 @@ class CatalogUpdateSettings(BaseModel):
     max_fresh_items: int = Field(100_000, ge=1)
 
 
+CandidateSourceName = Literal[
+    "fused", "content", "collaborative", "covisitation", "trending", "trending_category", "popular"
+]
+
+
+class SourceShare(BaseModel):
+    """One candidate source of the retrieval mix and the share of n it may fill."""
+
+    source: CandidateSourceName
+    share: float = Field(ge=0, le=1)
+
+
+def default_sources() -> list[SourceShare]:
+    # Chosen by measurement (docs/retrieval.md, "Choosing the mix"): other sources raise
+    # candidate recall on MovieLens 100K, but the ranker trained on them lost NDCG@10 on the
+    # random protocol (it gained on the temporal one), so the default stays the fused source;
+    # e.g. fused 0.5 / collaborative 0.3 / covisitation 0.2 is the measured alternative.
+    return [SourceShare(source="fused", share=1.0)]
+
+
 class RetrievalSettings(ServerSettings):
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int | None = Field(9151, ge=0, le=65535)
@@ -207,11 +241,23 @@ class RetrievalSettings(ServerSettings):
     shard: int = Field(0, ge=0)
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
     updates: CatalogUpdateSettings = CatalogUpdateSettings()
+    # The candidate mix (source -> share of n; shares are normalised); a request's `mix`
+    # replaces it. Unused quota flows to the other sources, so n is still reached.
+    sources: list[SourceShare] = Field(default_factory=default_sources, min_length=1)
+    # Filtered search: below this many matching items, score them all exactly (brute force).
+    exact_filter_below: int = Field(5000, ge=0)
+    # Declared preferences: the query is the popularity-weighted mean of at most this many
+    # of the most popular matching items.
+    preference_items: int = Field(200, ge=1)
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> RetrievalSettings:
         if self.shard >= self.shards:
             raise ValueError(f"retrieval.shard must be below retrieval.shards ({self.shards}), got {self.shard}")
+        if len({entry.source for entry in self.sources}) != len(self.sources):
+            raise ValueError("retrieval.sources names a source twice")
+        if sum(entry.share for entry in self.sources) <= 0:
+            raise ValueError("retrieval.sources: the shares must have a positive sum")
         return self
 
 
@@ -359,20 +405,15 @@ class RulesOverrides(BaseModel):
     pins: list[PinSettings] | None = Field(None, max_length=MAX_RULE_PINS)
 
 
-class CandidateMixShare(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str = Field(min_length=1)
-    share: float = Field(gt=0, le=1)
-
-
 class ExperimentVariant(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     # Share of users (by a stable hash of the user id) in this variant.
     share: float = Field(gt=0, le=1)
     rules: RulesOverrides = RulesOverrides()
-    # Candidate sources and their shares, passed on to retrieval (recorded per request).
-    candidate_mix: list[CandidateMixShare] = Field(default_factory=list)
+    # Candidate sources and their shares, sent to retrieval as the request's mix (empty: the
+    # retrieval service's configured mix).
+    candidate_mix: list[SourceShare] = Field(default_factory=list)
     # A pinned ranker artifact version whose trees score this variant's requests (loaded
     # alongside the current one); None: the current ranker.
     model_version: str | None = Field(None, min_length=1)

@@ -125,6 +125,7 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
         "vitrine-retrieval-fused",
         "vitrine-retrieval-content",
         "vitrine-retrieval-collaborative",
+        "vitrine-retrieval-sources",
         "vitrine",
     }
     for method in written["methods"]:

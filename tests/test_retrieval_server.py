@@ -33,7 +33,10 @@ def test_retrieve_by_user_returns_n_unique_scored_candidates(
     assert set(ids) <= set(dataset.catalog.item_ids.tolist())
     scores = [candidate.score for candidate in response.candidates]
     assert scores == sorted(scores, reverse=True)
-    assert {candidate.source for candidate in response.candidates} == {"ann"}
+    # The configured mix (default: the fused ANN, tagged "ann"); each candidate once.
+    primary = {candidate.source for candidate in response.candidates}
+    assert "ann" in primary
+    assert primary <= {"ann", "content", "collaborative", "covisitation", "trending", "trending_category"}
     assert response.index_version == artifacts.index.version
     assert response.dimension > 0
     # The text and collaborative parts are both there and add up to the score.
@@ -51,11 +54,14 @@ def test_popular_candidates_have_no_score_parts(servers: Servers) -> None:
 
 def test_retrieve_excludes_given_items(servers: Servers, dataset: Dataset) -> None:
     user = users_by_activity(dataset)[1]
-    first = _ids(servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, n=30), timeout=5))
+    # The fused source alone: its order does not depend on what other sources fill.
+    fused = [retrieval_pb2.SourceQuota(source="fused", share=1.0)]
+    first = _ids(servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, n=30, mix=fused), timeout=5))
     excluded = first[:10]
     second = _ids(
         servers.retrieval.Retrieve(
-            retrieval_pb2.RetrieveRequest(user_id=user, n=30, exclude_item_ids=[*excluded, "no-such-item"]), timeout=5
+            retrieval_pb2.RetrieveRequest(user_id=user, n=30, exclude_item_ids=[*excluded, "no-such-item"], mix=fused),
+            timeout=5,
         )
     )
     assert len(second) == 30

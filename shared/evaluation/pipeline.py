@@ -35,6 +35,12 @@ RETRIEVAL_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vitrine-retrieval-collaborative": ("index-collaborative", ("--content-weight", "0")),
 }
 FUSED = "vitrine-retrieval-fused"
+# The fused index under the configured candidate mix (retrieval.sources), asked for as many
+# candidates as the ranking service asks for: what the ranker sees.
+SOURCES = "vitrine-retrieval-sources"
+SOURCE_CANDIDATES = 300
+# The per-index rows measure one ANN search each: the fused source alone.
+FUSED_ONLY = [retrieval_pb2.SourceQuota(source="fused", share=1.0)]
 
 
 @dataclass
@@ -45,6 +51,8 @@ class VitrineLists:
     top_k: dict[str, list[npt.NDArray[np.int32]]] = field(default_factory=dict)
     # per user row: the fused index's candidates (longest N asked for)
     candidates: list[npt.NDArray[np.int32]] = field(default_factory=list)
+    # per user row: the candidates of the configured mix (SOURCE_CANDIDATES of them)
+    source_candidates: list[npt.NDArray[np.int32]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     build_seconds: float = 0.0
     degraded: int = 0
@@ -113,15 +121,20 @@ def _ask_retrieval(split: Split, ports: dict[str, int], k: int, max_candidates: 
     user_ids = split.train.users.user_ids.tolist()
     n_users = len(user_ids)
     empty = np.zeros(0, dtype=np.int32)
-    for method, port in ports.items():
+    for method, port in [*ports.items(), (SOURCES, ports[FUSED])]:
         top: list[npt.NDArray[np.int32]] = [empty] * n_users
         started = time.perf_counter()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = retrieval_pb2_grpc.RetrievalStub(channel)
             for user in tqdm(split.evaluated_users.tolist(), desc=method, unit="user", mininterval=1.0):
-                n = max_candidates if method == FUSED else k
+                n = max_candidates if method == FUSED else SOURCE_CANDIDATES if method == SOURCES else k
                 response = stub.Retrieve(
-                    retrieval_pb2.RetrieveRequest(user_id=user_ids[user], n=n, exclude_item_ids=seen[user]),
+                    retrieval_pb2.RetrieveRequest(
+                        user_id=user_ids[user],
+                        n=n,
+                        exclude_item_ids=seen[user],
+                        mix=[] if method == SOURCES else FUSED_ONLY,
+                    ),
                     timeout=CALL_TIMEOUT_S,
                 )
                 rows = np.asarray([row_of[c.item_id] for c in response.candidates], dtype=np.int32)
@@ -130,6 +143,10 @@ def _ask_retrieval(split: Split, ports: dict[str, int], k: int, max_candidates: 
                     if not lists.candidates:
                         lists.candidates = [empty] * n_users
                     lists.candidates[user] = rows
+                if method == SOURCES:
+                    if not lists.source_candidates:
+                        lists.source_candidates = [empty] * n_users
+                    lists.source_candidates[user] = rows
         lists.top_k[method] = top
         lists.seconds[method] = time.perf_counter() - started
 

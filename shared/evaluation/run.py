@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shared.data import Dataset
 from shared.evaluation.baselines import BASELINES, Baseline, top_k, tune
-from shared.evaluation.pipeline import FUSED, run_vitrine
+from shared.evaluation.pipeline import FUSED, SOURCE_CANDIDATES, run_vitrine
 from shared.evaluation.protocols import Protocol, Split, split, validation_split
 from shared.evaluation.report import write_report
 from shared.logs import event
@@ -101,6 +101,11 @@ def evaluate(
             "vitrine_build_seconds": round(vitrine.build_seconds, 1),
             "degraded": vitrine.degraded,
             "candidates_from": FUSED,
+            f"candidate_recall@{SOURCE_CANDIDATES}_configured_mix": round(
+                candidate_recall([vitrine.source_candidates[user] for user in users], relevant), 4
+            )
+            if vitrine.source_candidates
+            else None,
         },
     )
     (out / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n")
