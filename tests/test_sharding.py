@@ -363,9 +363,7 @@ def test_ranking_with_shard_targets_returns_a_normal_recommend(
     finally:
         ranking.stop()
     print(f"\nRecommend k=20 over 3 shards vs unsharded, 20 users: mean overlap {np.mean(overlaps):.3f}")
-    # Not 1: the candidate mix is not shard-exact (docs/retrieval.md, "Sharded indexes"): each
-    # shard fills the source quotas from its own items and co-visitation sees no history there.
-    assert np.mean(overlaps) >= 0.9
+    assert np.mean(overlaps) >= 0.95
 
 
 def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
