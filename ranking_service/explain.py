@@ -65,6 +65,16 @@ FEATURE_TEXT: dict[str, tuple[str, str]] = {
     "hour_of_day": ("the time of day", "the time of day"),
     "day_of_week": ("the day of the week", "the day of the week"),
     "device": ("the device you use", "the device you use"),
+    "source_count": ("found several ways for you", "found one way for you"),
+    "from_fused_source": ("matches your taste overall", "a weaker overall match"),
+    "from_content_source": ("reads like items you looked at", "reads unlike items you looked at"),
+    "from_collaborative_source": ("shoppers with similar taste chose it", "few shoppers like you chose it"),
+    "from_covisitation_source": ("viewed in the same visits as {anchor}", "seldom viewed with your items"),
+    "from_trending_source": ("trending now", "not trending now"),
+    "from_trending_category_source": ("trending in a category you browse", "not trending in your categories"),
+    "source_covisitation_score": ("often viewed together with {anchor}", "seldom viewed with your items"),
+    "source_trending_score": ("trending now", "not trending now"),
+    "source_trending_category_score": ("trending in a category you browse", "not trending in your categories"),
 }
 assert set(FEATURE_TEXT) == set(FEATURE_NAMES), "every feature needs its words"
 

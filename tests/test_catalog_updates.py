@@ -485,3 +485,51 @@ def test_searches_during_upserts_and_deletes_never_fail(
         found = _ids(_text(live, FRESH_TITLE, n=300))
         assert sum(item_id.startswith("busy-") for item_id in found) == 180
         assert not any(item_id.startswith("busy-") and item_id.endswith("-0") for item_id in found)
+
+
+def test_filters_see_upserted_deleted_and_restocked_items(
+    artifacts: BuiltArtifacts, embedder: HashingEmbedder, tmp_path: Path
+) -> None:
+    """Filtered search reads attributes and stock by row: upserted rows (with a brand and a
+    category the build never saw) match at once, deleted ones never, out-of-stock ones not
+    with in_stock_only; and an exclusion of an upserted item is honoured by every source."""
+    fresh = [
+        _item(f"filtered-{i}", FRESH_TITLE, brand="Novabrand", category="novelties", price=40.0 + i) for i in range(6)
+    ]
+    only_new = catalog_pb2.ItemFilter(brands=["Novabrand"], categories=["novelties"])
+    with live_server(artifacts.root, tmp_path, embedder) as live:
+        live.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=fresh), timeout=TIMEOUT_S)
+        found = live.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(text=FRESH_TITLE, n=20, filter=only_new), timeout=TIMEOUT_S
+        )
+        assert sorted(_ids(found)) == sorted(item.item_id for item in fresh)
+        band = catalog_pb2.ItemFilter(brands=["Novabrand"], price_min=42.0, price_max=44.0)
+        in_band = live.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(text=FRESH_TITLE, n=20, filter=band), timeout=TIMEOUT_S
+        )
+        assert sorted(_ids(in_band)) == ["filtered-2", "filtered-3", "filtered-4"]
+
+        live.stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=["filtered-0"]), timeout=TIMEOUT_S)
+        live.stub.UpdateStock(
+            retrieval_pb2.UpdateStockRequest(levels=[retrieval_pb2.StockLevel(item_id="filtered-1", stock=0)]),
+            timeout=TIMEOUT_S,
+        )
+        in_stock = catalog_pb2.ItemFilter(brands=["Novabrand"], in_stock_only=True)
+        request = retrieval_pb2.RetrieveRequest(
+            text=FRESH_TITLE, n=20, filter=in_stock, exclude_item_ids=["filtered-5"]
+        )
+        left = live.stub.Retrieve(request, timeout=TIMEOUT_S)
+        assert sorted(_ids(left)) == ["filtered-2", "filtered-3", "filtered-4"]
+        assert all(candidate.stock > 0 for candidate in left.candidates)
+
+        # Every source, and a history that excludes an upserted item: no error, no excluded item.
+        mix = [
+            retrieval_pb2.SourceQuota(source=name, share=1.0)
+            for name in ("fused", "content", "covisitation", "trending", "trending_category", "popular")
+        ]
+        history = retrieval_pb2.ItemHistory(item_ids=["filtered-3", "filtered-4"])
+        mixed = live.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(history=history, n=50, mix=mix, exclude_item_ids=["filtered-2"]),
+            timeout=TIMEOUT_S,
+        )
+        assert not {"filtered-0", "filtered-2"} & set(_ids(mixed))
