@@ -151,16 +151,7 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         **{field: artifact.load_array(f"items/{field}.npy", mmap=field in _MAPPED_FIELDS) for field in _ITEM_FIELDS}
     )
     user_ids = artifact.load_array("events/user_ids.npy")
-    timestamps = artifact.load_array("events/timestamp.npy")
-    events = Events(
-        user_index=artifact.load_array("events/user_index.npy"),
-        item_index=artifact.load_array("events/item_index.npy"),
-        event_code=artifact.load_array("events/event_code.npy"),
-        timestamp=timestamps,
-        # Not used by ranking features; kept out of the artifact to keep it small.
-        device=np.zeros(len(timestamps), dtype="<U1"),
-        session_id=np.zeros(len(timestamps), dtype="<U1"),
-    )
+    events = _load_events(artifact)
     snapshot_at = int(artifact.params["snapshot_at"])
     loaded = LoadedRanker(
         version=artifact.version,
@@ -182,6 +173,20 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
     return loaded
 
 
+def _load_events(artifact: Artifact) -> Events:
+    """The artifact's event snapshot (ids as rows; see write_ranker_artifact)."""
+    timestamps = artifact.load_array("events/timestamp.npy")
+    return Events(
+        user_index=artifact.load_array("events/user_index.npy"),
+        item_index=artifact.load_array("events/item_index.npy"),
+        event_code=artifact.load_array("events/event_code.npy"),
+        timestamp=timestamps,
+        # Not used by ranking features; kept out of the artifact to keep it small.
+        device=np.zeros(len(timestamps), dtype="<U1"),
+        session_id=np.zeros(len(timestamps), dtype="<U1"),
+    )
+
+
 @dataclass(frozen=True)
 class RankerSnapshot:
     """What a ranker artifact holds besides its model: the item table and the event
@@ -198,15 +203,7 @@ class RankerSnapshot:
 def load_ranker_snapshot(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> RankerSnapshot:
     artifact = open_artifact(root, name, KIND, version)
     items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
-    timestamps = artifact.load_array("events/timestamp.npy")
-    events = Events(
-        user_index=artifact.load_array("events/user_index.npy"),
-        item_index=artifact.load_array("events/item_index.npy"),
-        event_code=artifact.load_array("events/event_code.npy"),
-        timestamp=timestamps,
-        device=np.zeros(len(timestamps), dtype="<U1"),
-        session_id=np.zeros(len(timestamps), dtype="<U1"),
-    )
+    events = _load_events(artifact)
     return RankerSnapshot(
         version=artifact.version,
         items=items,
