@@ -37,6 +37,7 @@ from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
 from retrieval_service.retriever import Retriever
+from retrieval_service.server import preferences as declared_preferences
 from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
@@ -107,7 +108,7 @@ class InProcessRetrieval:
         timeout_s: float,
         options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
-        raise NotImplementedError("the benchmark sends no declared preferences")
+        return self._answer(self._retriever.by_preferences(declared_preferences(preferences), n, exclude))
 
     def wait_ready(self, timeout_s: float) -> None:
         return None

@@ -23,6 +23,7 @@ configured run (and are reported). Pinned items are exempt from caps and MMR.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
@@ -91,13 +92,13 @@ def _moved(before: Positions, after: Positions, k: int) -> int:
     return int((head != after[:shown]).sum())
 
 
-class FilterRule:
+class FilterRule(ABC):
     """A rule that drops candidates: subclasses say which positions to keep."""
 
     name: ClassVar[str] = "filter"
 
-    def keep(self, order: Positions, candidates: Candidates, context: RuleContext) -> npt.NDArray[np.bool_]:
-        raise NotImplementedError
+    @abstractmethod
+    def keep(self, order: Positions, candidates: Candidates, context: RuleContext) -> npt.NDArray[np.bool_]: ...
 
     def apply(self, ranked: Ranked, candidates: Candidates, context: RuleContext) -> Ranked:
         return Ranked(ranked.order[self.keep(ranked.order, candidates, context)], ranked.scores)
