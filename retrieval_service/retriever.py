@@ -294,12 +294,14 @@ class Retriever:
         sources: list[list[str]],
         source_scores: list[list[float]],
         anchors: list[list[str]],
+        items: npt.NDArray[np.float32] | None = None,
     ) -> Candidates:
+        """``items``: the decoded vectors of ``rows`` when the caller has them already."""
         loaded = self._loaded
         if query is None:
             content = collaborative = [0.0] * len(rows)
         else:
-            items = loaded.index.decoded(rows)
+            items = loaded.index.decoded(rows) if items is None else items
             split = self._content_dim
             content = (items[:, :split] @ query[0, :split]).tolist()
             collaborative = (items[:, split:] @ query[0, split:]).tolist()
@@ -358,6 +360,10 @@ class Retriever:
         )
         if vector is None and not len(anchor_ids):
             shares = {POPULAR: 1.0}  # cold start: popular items, whatever the mix
+        if vector is not None and [name for name, share in shares.items() if share > 0] == [FUSED]:
+            fused = self._fused_only(query, vector, n)
+            if fused is not None:
+                return fused
         answers = {name: self._sources[name].propose(query, n) for name, share in shares.items() if share > 0}
         merged = merge(answers, shares, n)
         rows = merged.rows
@@ -372,16 +378,9 @@ class Retriever:
         pick = order.tolist()
         primary = [merged.primary[i] for i in pick]
         anchors = [merged.anchors[i] for i in pick]
-        local = [(i, self._loaded.item_row[a]) for i, a in enumerate(anchor_ids) if a in self._loaded.item_row]
         missing = [position for position, found in enumerate(anchors) if not found]
-        if local and missing:
-            found_anchors = inner_product_anchors(
-                self._loaded.index.decoded(rows[missing]),
-                self._loaded.index.decoded(np.asarray([row for _, row in local], dtype=np.int64)),
-                [anchor_ids[i] for i, _ in local],
-                anchor_weights[[i for i, _ in local]],
-                self._content_dim,
-            )
+        if missing:
+            found_anchors = self._vector_anchors(self._loaded.index.decoded(rows[missing]), anchor_ids, anchor_weights)
             for position, found in zip(missing, found_anchors, strict=True):
                 anchors[position] = found
         source = primary[0] if primary else (POPULAR if POPULAR in shares and len(shares) == 1 else TAG[FUSED])
@@ -394,6 +393,45 @@ class Retriever:
             [merged.sources[i] for i in pick],
             [merged.source_scores[i] for i in pick],
             anchors,
+        )
+
+    def _fused_only(self, query: SourceQuery, vector: npt.NDArray[np.float32], n: int) -> Candidates | None:
+        """The default mix, one source: the search's own order and exact scores, and one
+        decode of the answer for the score parts and the anchors (no quota merge: at 1M
+        items the merge and repeated decoding cost more than the search)."""
+        answer = self._sources[FUSED].propose(query, n)
+        if not len(answer.rows):
+            return None
+        items = self._loaded.index.decoded(answer.rows)
+        tag = TAG[FUSED]
+        scores = answer.scores.tolist()
+        anchors = self._vector_anchors(items, query.anchor_ids, query.anchor_weights)
+        return self._build(
+            answer.rows,
+            scores,
+            tag,
+            vector,
+            [tag] * len(scores),
+            [[tag] for _ in scores],
+            [[score] for score in scores],
+            anchors or [[] for _ in scores],
+            items,
+        )
+
+    def _vector_anchors(
+        self, candidates: npt.NDArray[np.float32], anchor_ids: Sequence[str], anchor_weights: npt.NDArray[np.float64]
+    ) -> list[list[str]]:
+        """Per candidate, the history/session items this index holds that weigh most in its
+        score (empty when it holds none of them)."""
+        local = [(i, self._loaded.item_row[a]) for i, a in enumerate(anchor_ids) if a in self._loaded.item_row]
+        if not local or not len(candidates):
+            return [[] for _ in range(len(candidates))]
+        return inner_product_anchors(
+            candidates,
+            self._loaded.index.decoded(np.asarray([row for _, row in local], dtype=np.int64)),
+            [anchor_ids[i] for i, _ in local],
+            anchor_weights[[i for i, _ in local]],
+            self._content_dim,
         )
 
     def _search(
