@@ -396,7 +396,7 @@ def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
             with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
                 response = ranking_pb2_grpc.RankingStub(channel).Recommend(
                     ranking_pb2.RecommendRequest(user_id=user, k=20, context=ranking_pb2.RequestContext(timestamp=now)),
-                    timeout=0.5,
+                    timeout=2.0,
                 )
             outcomes[fault] = round((time.perf_counter() - started) * 1000.0, 1)
             assert (response.degraded, response.partial) == (False, True), fault
@@ -404,7 +404,7 @@ def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
             assert {shard_of(item.item_id, SHARDS) for item in response.items} <= {0, 1}, fault
             assert response.index_version == shard_set.version
             assert _counter("vitrine_partial_responses_total", labels) == before + 1
-        print(f"\nRecommend with shard 2 hung / killed (caller deadline 500 ms): {outcomes} ms, partial answers")
+        print(f"\nRecommend with shard 2 hung / killed (caller deadline 2 s): {outcomes} ms, partial answers")
     finally:
         ranking.stop()
         process.kill()
