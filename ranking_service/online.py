@@ -16,16 +16,14 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from ranking_service.store import UserHistory
 from shared.config import OnlineStateSettings
 from shared.logs import event
+from shared.redis_client import redacted_url, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +109,6 @@ class InMemoryUserState:
         pass
 
 
-def redacted_url(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
-
-
 class RedisUserState:
     """One Redis list per user (newest first), capped and with a TTL.
 
@@ -136,13 +122,7 @@ class RedisUserState:
         self.url = redacted_url(settings.redis_url)
         # Reads are skipped until then (monotonic clock) after a failure.
         self._reads_paused_until = 0.0
-        self._client = redis.Redis.from_url(
-            settings.redis_url,
-            socket_connect_timeout=settings.connect_timeout_s,
-            socket_timeout=settings.socket_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), settings.retries),
-            decode_responses=False,
-        )
+        self._client = redis_client(settings)
 
     def _key(self, user_id: str) -> str:
         return f"{self._settings.key_prefix}{user_id}"

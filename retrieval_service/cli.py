@@ -37,6 +37,7 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
 def _run_build(args: argparse.Namespace) -> int:
     from retrieval_service.artifact import build_index_artifacts
     from retrieval_service.shards import shard_artifact_name
+    from retrieval_service.update_log import update_log_store
     from retrieval_service.updates import fold_into_dataset
     from shared.config import load_settings
     from shared.data import load_dataset
@@ -59,12 +60,13 @@ def _run_build(args: argparse.Namespace) -> int:
     # Catalogue changes made on the serving index (UpsertItems...) are folded in first;
     # the manifest records how far, so the server carries over only what came later.
     shards = settings.index_build.shards
-    folded = fold_into_dataset(
-        dataset,
-        args.out,
-        settings.retrieval.updates.wal_dir or args.out,
-        [shard_artifact_name(args.name, shard, shards) for shard in range(shards)],
-    )
+    update_logs = update_log_store(settings.retrieval.updates, args.out)
+    try:
+        folded = fold_into_dataset(
+            dataset, args.out, update_logs, [shard_artifact_name(args.name, shard, shards) for shard in range(shards)]
+        )
+    finally:
+        update_logs.close()
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     for artifact in build_index_artifacts(
         folded.dataset,

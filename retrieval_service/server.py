@@ -22,6 +22,7 @@ from retrieval_service.retriever import (
     TextQueryEncoder,
 )
 from retrieval_service.shards import shard_artifact_name
+from retrieval_service.update_log import update_log_store
 from retrieval_service.updates import (
     LiveCatalog,
     open_live_catalog,
@@ -29,7 +30,6 @@ from retrieval_service.updates import (
     validated_ids,
     validated_items,
     validated_levels,
-    wal_path,
 )
 from shared.artifacts import ArtifactError, current_version
 from shared.config import CatalogUpdateSettings, EmbeddingSettings, RetrievalSettings
@@ -62,6 +62,12 @@ class LiveCatalogs:
         for catalog in catalogs:
             catalog.seal()
         return catalogs
+
+    def close(self) -> None:
+        with self._lock:
+            catalogs, self._by_version = list(self._by_version.values()), {}
+        for catalog in catalogs:
+            catalog.close()
 
     def add(self, catalog: LiveCatalog, keep: int = 2) -> None:
         """Register ``catalog``; only the ``keep`` newest stay (the one being replaced keeps
@@ -270,7 +276,7 @@ def start_retrieval_server(
     encoders: list[TextQueryEncoder | None] = []
     artifact_name = shard_artifact_name(settings.index_name, settings.shard, settings.shards)
     catalogs = LiveCatalogs()
-    wal_root = settings.updates.wal_dir or settings.artifacts
+    update_logs = update_log_store(settings.updates, settings.artifacts)
 
     def load(version: str | None) -> Retriever:
         if not encoders:  # loaded once, with the first index, before SERVING
@@ -290,13 +296,13 @@ def start_retrieval_server(
         # The version being replaced takes no more changes (UNAVAILABLE, retryable) while
         # this one replays its log and the tail the build did not fold.
         sealed = catalogs.seal_all()
-        log_existed = wal_path(wal_root, artifact_name, loaded.version).exists()
+        log_existed = update_logs.exists(artifact_name, loaded.version)
         try:
             live = open_live_catalog(
                 loaded,
                 artifact_name,
                 read_params(settings.artifacts, artifact_name, loaded.version),
-                wal_root,
+                update_logs,
                 settings.updates,
                 encoders[0],
             )
@@ -317,12 +323,14 @@ def start_retrieval_server(
             # One search before serving: the first caller should not pay for page faults.
             retriever.by_vector(np.ones(loaded.index.dimension, np.float32).tolist(), 1, [])
         except BaseException:
-            live.close()
-            if not log_existed:  # never served: the next attempt carries the tail over afresh
-                live.wal_file.unlink(missing_ok=True)
+            if log_existed:
+                live.close()
+            else:  # never served: the next attempt carries the tail over afresh
+                live.discard()
             for catalog in sealed:
                 catalog.unseal()
             raise
+        live.follow()
         catalogs.add(live)
         return retriever
 
@@ -337,7 +345,7 @@ def start_retrieval_server(
     write_guard = (
         [BearerTokenInterceptor(auth.token, WRITE_METHODS, require_for_all=False)] if auth.token is not None else []
     )
-    return start_server(
+    running = start_server(
         SERVICE_NAME,
         lambda server: retrieval_pb2_grpc.add_RetrievalServicer_to_server(
             RetrievalServicer(served, catalogs, settings.updates), server
@@ -346,3 +354,6 @@ def start_retrieval_server(
         served,
         interceptors=write_guard,
     )
+    running.on_stop.append(catalogs.close)
+    running.on_stop.append(update_logs.close)
+    return running

@@ -1,8 +1,9 @@
 """Catalogue updates on the live index: UpsertItems, DeleteItems and UpdateStock.
 
-Each accepted batch is validated as a whole, written ahead to a log (one JSON line with a
-sequence number and a checksum, fsynced) and then applied to the served index, so it is
-visible when the call returns and a restart replays it:
+Each accepted batch is validated as a whole, written to the update log
+(retrieval_service/update_log.py: a file per index version for one replica, or a Redis
+stream that every replica shares and follows) and then applied to the served index, so it
+is visible when the call returns and a restart replays it:
 
 * upsert: the item text is embedded as the build does (``Catalog.embedding_texts``), the
   fused vector is ``[w_c * unit(text), 0]`` (a new item has no collaborative signal, like
@@ -11,11 +12,10 @@ visible when the call returns and a restart replays it:
 * delete: the row is retired (no search returns it) and the id forgotten.
 * stock: the row's stock is set in place.
 
-The log lives beside the artifact, not in it (the artifact directory is checksummed):
-``<wal root>/<artifact name>-updates/<version>/wal.jsonl``. It stores the text embedding of
-every upserted item, so a restart replays it without the text model. The next build
+The log stores the text embedding of every upserted item, so a replay (a restart, or
+another replica following a shared log) needs no text model. The next build
 (:func:`fold_into_dataset`) applies the logs to the catalogue and records the last
-sequence it folded; the server that loads that build carries over what came after it
+sequence it folded; the servers that load that build carry over what came after it
 (:func:`open_live_catalog`). docs/catalog-updates.md describes the whole life cycle.
 """
 
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,18 @@ from retrieval_service.artifact import LoadedIndex
 from retrieval_service.index import grown
 from retrieval_service.retriever import TextQueryEncoder
 from retrieval_service.shards import shard_of
+from retrieval_service.update_log import (
+    OP_DELETE,
+    OP_ORIGIN,
+    OP_STOCK,
+    OP_UPSERT,
+    FoldedFrom,
+    LogBehind,
+    UpdateLog,
+    UpdateLogStore,
+    WalError,
+    WalRecord,
+)
 from retrieval_service.vectors import fuse
 from shared.artifacts import CURRENT, MANIFEST, current_version
 from shared.config import CatalogUpdateSettings
@@ -52,16 +62,10 @@ from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2
 
 log = logging.getLogger(__name__)
 
-WAL_FILE = "wal.jsonl"
 # The manifest parameter a build records the folded logs under.
 FOLDED_PARAM = "catalog_updates"
-OP_UPSERT, OP_DELETE, OP_STOCK, OP_ORIGIN = "upsert", "delete", "stock", "origin"
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 20_000
-
-
-class WalError(RuntimeError):
-    """A write-ahead log is damaged (other than a torn last line) or does not fit the index."""
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -180,155 +184,6 @@ def validated_levels(levels: Sequence[retrieval_pb2.StockLevel], max_batch: int)
     return [(level.item_id, int(level.stock)) for level in levels]
 
 
-# --- the write-ahead log ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WalRecord:
-    sequence: int
-    op: str
-    at: int
-    body: dict[str, Any]
-
-    def payload(self) -> dict[str, Any]:
-        return {"seq": self.sequence, "op": self.op, "at": self.at, "body": self.body}
-
-
-def _canonical(payload: dict[str, Any]) -> bytes:
-    return json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _checksum(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical(payload)).hexdigest()[:32]
-
-
-def encode_line(record: WalRecord) -> bytes:
-    payload = record.payload()
-    return _canonical({**payload, "sha256": _checksum(payload)}) + b"\n"
-
-
-def _decode_line(line: bytes, expected_sequence: int) -> WalRecord | None:
-    """The record on ``line``, or None when it is damaged or out of sequence."""
-    try:
-        payload = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(payload, dict):
-        return None
-    checksum = payload.pop("sha256", None)
-    if checksum != _checksum(payload) or payload.get("seq") != expected_sequence:
-        return None
-    if not isinstance(payload.get("body"), dict) or not isinstance(payload.get("op"), str):
-        return None
-    return WalRecord(sequence=int(payload["seq"]), op=payload["op"], at=int(payload.get("at", 0)), body=payload["body"])
-
-
-@dataclass(frozen=True)
-class WalContents:
-    records: list[WalRecord]
-    # Bytes of intact lines; anything after them is a torn write.
-    intact_bytes: int
-    torn: bool
-
-
-def read_wal(path: Path) -> WalContents:
-    """Every intact record of the log at ``path`` (none when it does not exist).
-
-    A damaged last line is what a crash mid-write leaves: it is dropped with a warning. A
-    damaged line followed by intact ones is not a crash, and raises :class:`WalError`.
-    """
-    if not path.is_file():
-        return WalContents([], 0, False)
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    # The piece after the last newline is empty for a clean log, else a torn write.
-    complete, tail = lines[:-1], lines[-1]
-    records: list[WalRecord] = []
-    offset = 0
-    for number, line in enumerate(complete, start=1):
-        record = _decode_line(line, len(records) + 1)
-        if record is None:
-            if number == len(complete) and not tail:
-                event(log, "torn last line of the write-ahead log dropped", level=logging.WARNING, path=str(path))
-                return WalContents(records, offset, True)
-            raise WalError(
-                f"{path}: line {number} is damaged or out of sequence, and intact lines follow it; "
-                "this is not a torn write from a crash. Restore the log or move it away "
-                "(its changes are then lost) before starting the server"
-            )
-        records.append(record)
-        offset += len(line) + 1
-    if tail:
-        event(log, "torn last line of the write-ahead log dropped", level=logging.WARNING, path=str(path))
-    return WalContents(records, offset, bool(tail))
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def write_new_wal(path: Path, records: Sequence[WalRecord], fsync: bool) -> None:
-    """A log holding exactly ``records``, written whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    with temporary.open("wb") as handle:
-        for record in records:
-            handle.write(encode_line(record))
-        handle.flush()
-        if fsync:
-            os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    if fsync:
-        _fsync_directory(path.parent)
-
-
-class WriteAheadLog:
-    """Appends records to one log file; each append is on disk (fsync) when it returns."""
-
-    def __init__(self, path: Path, last_sequence: int, fsync: bool) -> None:
-        self.path = path
-        self._last_sequence = last_sequence
-        self._fsync = fsync
-        self._handle = path.open("ab")
-
-    @classmethod
-    def open(cls, path: Path, fsync: bool) -> tuple[WriteAheadLog, list[WalRecord]]:
-        """The log at ``path`` (created empty when missing) and its records; a torn last
-        line is cut off so the next append starts on a clean line."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        contents = read_wal(path)
-        if not path.exists():
-            write_new_wal(path, [], fsync)
-        elif contents.torn:
-            os.truncate(path, contents.intact_bytes)
-        last = contents.records[-1].sequence if contents.records else 0
-        return cls(path, last, fsync), contents.records
-
-    @property
-    def last_sequence(self) -> int:
-        return self._last_sequence
-
-    def append(self, op: str, body: dict[str, Any]) -> WalRecord:
-        record = WalRecord(sequence=self._last_sequence + 1, op=op, at=int(time.time()), body=body)
-        self._handle.write(encode_line(record))
-        self._handle.flush()
-        if self._fsync:
-            os.fsync(self._handle.fileno())
-        self._last_sequence = record.sequence
-        return record
-
-    def close(self) -> None:
-        self._handle.close()
-
-
-def wal_path(wal_root: Path, artifact_name: str, version: str) -> Path:
-    return Path(wal_root) / f"{artifact_name}-updates" / version / WAL_FILE
-
-
 def _encode_vector(vector: npt.NDArray[np.floating]) -> str:
     return base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode("ascii")
 
@@ -380,26 +235,44 @@ def _appended(buffer: npt.NDArray[Any], size: int, values: npt.NDArray[Any]) -> 
     return buffer
 
 
+@dataclass
+class _Planned:
+    """A change planned against the current state: what to log, how to apply it, what to answer."""
+
+    result: UpdateResult
+    op: str | None = None  # None: nothing to log (e.g. every id unknown)
+    body: dict[str, Any] = dataclasses.field(default_factory=dict)
+    apply: Callable[[], None] = lambda: None
+
+
 class LiveCatalog:
     """The catalogue changes of one served index version: logged, then applied.
 
     Writers are serialised by one lock; searches never take it (the index has its own
-    read/write lock around the FAISS structures, see :class:`VectorIndex`).
+    read/write lock around the FAISS structures, see :class:`VectorIndex`). With a shared
+    log, a follower thread applies what other replicas append, in sequence order, and a
+    write that finds its sequence number taken catches up and plans again.
     """
 
     def __init__(
         self,
         loaded: LoadedIndex,
-        wal: WriteAheadLog,
+        update_log: UpdateLog,
         settings: CatalogUpdateSettings,
         encoder: TextQueryEncoder | None,
     ) -> None:
         self._loaded = loaded
-        self._wal = wal
+        self._log = update_log
         self._settings = settings
         self._encoder = encoder
         self._lock = threading.Lock()
         self._sealed = False
+        self._closed = threading.Event()
+        # The last record applied to the index (replayed, followed or written here).
+        self._applied = 0
+        # Set when the follower met a record it cannot apply: writes are refused from then on.
+        self._broken: str | None = None
+        self._follower: threading.Thread | None = None
         # Items upserted since the build (the ranking service's snapshot does not know them).
         self._fresh: dict[str, ItemUpdate] = {}
         self._ids = loaded.item_ids
@@ -411,11 +284,11 @@ class LiveCatalog:
 
     @property
     def last_sequence(self) -> int:
-        return self._wal.last_sequence
+        return self._applied
 
     @property
-    def wal_file(self) -> Path:
-        return self._wal.path
+    def log_name(self) -> str:
+        return self._log.name
 
     def fresh_item(self, item_id: str) -> ItemUpdate | None:
         return self._fresh.get(item_id)
@@ -429,14 +302,52 @@ class LiveCatalog:
         with self._lock:
             self._sealed = False
 
-    def close(self) -> None:
+    def discard(self) -> None:
+        """Close a catalogue whose version never served."""
+        self.close(discard=True)
+
+    def close(self, discard: bool = False) -> None:
+        self._closed.set()
+        if self._follower is not None:
+            self._follower.join(self._settings.redis.follow_block_s + 5)
         with self._lock:
             self._sealed = True
-            self._wal.close()
+            if discard:
+                self._log.discard()
+            else:
+                self._log.close()
 
     def _check_open(self) -> None:
         if self._sealed:
             raise Unavailable(f"index version {self.version} is being replaced; retry the change shortly")
+        if self._broken is not None:
+            raise FailedPrecondition(self._broken)
+
+    def _commit(self, plan: Callable[[], _Planned]) -> _Planned:
+        """Log the change ``plan`` makes of the current state, then apply it. When another
+        replica appended first (shared log), catch up with the log and plan again: the
+        change is always validated against the state it is logged after."""
+        with self._lock:
+            for _ in range(self._settings.redis.append_attempts):
+                self._check_open()
+                planned = plan()
+                if planned.op is None:
+                    planned.result = dataclasses.replace(planned.result, sequence=self._applied)
+                    return planned
+                record = WalRecord(self._applied + 1, planned.op, int(time.time()), planned.body)
+                try:
+                    self._log.append(record)
+                except LogBehind:
+                    self._apply_records(self._log.records_after(self._applied))
+                    continue
+                planned.apply()
+                self._applied = record.sequence
+                planned.result = dataclasses.replace(planned.result, sequence=record.sequence)
+                return planned
+        raise Unavailable(
+            f"{self._settings.redis.append_attempts} attempts to append to {self._log.name} lost the race to "
+            "other replicas (setting retrieval.updates.redis.append_attempts); retry the change"
+        )
 
     # -- the RPCs -------------------------------------------------------------------------
     def upsert(self, items: list[ItemUpdate]) -> UpdateResult:
@@ -461,47 +372,57 @@ class LiveCatalog:
                         field=f"items[{position}].item_id",
                     )
         content = np.stack([encoder.encode(text) for text in catalog_of(items).embedding_texts()]).astype(np.float32)
-        with self._lock:
-            self._check_open()
+        body = {
+            "model": encoder.model_id,
+            "items": [_item_body(item, vector) for item, vector in zip(items, content, strict=True)],
+        }
+        # The applied vectors are the logged (float16) ones, so a replay gives the same index.
+        logged = content.astype(np.float16).astype(np.float32)
+
+        def plan() -> _Planned:
             fresh_rows = loaded.index.size - loaded.base_items
             if fresh_rows + len(items) > self._settings.max_fresh_items:
                 raise FailedPrecondition(
                     f"index version {loaded.version} already holds {fresh_rows} upserted rows; at most "
                     f"{self._settings.max_fresh_items} (setting retrieval.updates.max_fresh_items): run a build"
                 )
-            body = {
-                "model": encoder.model_id,
-                "items": [_item_body(item, vector) for item, vector in zip(items, content, strict=True)],
-            }
-            record = self._wal.append(OP_UPSERT, body)
-            # The applied vectors are the logged (float16) ones, so a replay gives the same index.
-            self._apply_upsert(items, content.astype(np.float16).astype(np.float32))
-        event(log, "items upserted", items=len(items), sequence=record.sequence, version=loaded.version)
-        return UpdateResult(len(items), [], record.sequence, loaded.version)
+            result = UpdateResult(len(items), [], 0, loaded.version)
+            return _Planned(result, OP_UPSERT, body, lambda: self._apply_upsert(items, logged))
+
+        result = self._commit(plan).result
+        event(log, "items upserted", items=len(items), sequence=result.sequence, version=loaded.version)
+        return result
 
     def delete(self, item_ids: list[str]) -> UpdateResult:
-        with self._lock:
-            self._check_open()
+        def plan() -> _Planned:
             known = [item_id for item_id in item_ids if item_id in self._loaded.item_row]
             unknown = [item_id for item_id in item_ids if item_id not in self._loaded.item_row]
-            sequence = self._wal.last_sequence
-            if known:
-                sequence = self._wal.append(OP_DELETE, {"item_ids": known}).sequence
-                self._apply_delete(known)
-        event(log, "items deleted", items=len(known), unknown=len(unknown), sequence=sequence)
-        return UpdateResult(len(known), unknown, sequence, self.version)
+            result = UpdateResult(len(known), unknown, 0, self.version)
+            if not known:
+                return _Planned(result)
+            return _Planned(result, OP_DELETE, {"item_ids": known}, lambda: self._apply_delete(known))
+
+        result = self._commit(plan).result
+        event(
+            log, "items deleted", items=result.applied, unknown=len(result.unknown_item_ids), sequence=result.sequence
+        )
+        return result
 
     def update_stock(self, levels: list[tuple[str, int]]) -> UpdateResult:
-        with self._lock:
-            self._check_open()
+        def plan() -> _Planned:
             known = [(item_id, stock) for item_id, stock in levels if item_id in self._loaded.item_row]
             unknown = [item_id for item_id, _ in levels if item_id not in self._loaded.item_row]
             if not known:
                 raise NotFound(f"none of the {len(levels)} item ids is in index version {self.version}", field="levels")
-            sequence = self._wal.append(OP_STOCK, {"levels": [[item_id, stock] for item_id, stock in known]}).sequence
-            self._apply_stock(known)
-        event(log, "stock updated", items=len(known), unknown=len(unknown), sequence=sequence)
-        return UpdateResult(len(known), unknown, sequence, self.version)
+            result = UpdateResult(len(known), unknown, 0, self.version)
+            body = {"levels": [[item_id, stock] for item_id, stock in known]}
+            return _Planned(result, OP_STOCK, body, lambda: self._apply_stock(known))
+
+        result = self._commit(plan).result
+        event(
+            log, "stock updated", items=result.applied, unknown=len(result.unknown_item_ids), sequence=result.sequence
+        )
+        return result
 
     # -- applying (the RPCs and the replay) ----------------------------------------------
     def _apply_upsert(self, items: Sequence[ItemUpdate], content: npt.NDArray[np.float32]) -> None:
@@ -555,13 +476,7 @@ class LiveCatalog:
     def replay(self, records: Sequence[WalRecord]) -> None:
         """Apply logged records (a restart, or the tail carried over from an older version)."""
         with self._lock:
-            for record in records:
-                try:
-                    self._replay_one(record)
-                except (KeyError, TypeError, ValueError) as error:
-                    raise WalError(
-                        f"{self._wal.path}: record {record.sequence} ({record.op}) is malformed: {error}"
-                    ) from error
+            self._apply_records(records)
         if records:
             event(
                 log,
@@ -572,12 +487,62 @@ class LiveCatalog:
                 fresh_items=len(self._fresh),
             )
 
+    def _apply_records(self, records: Iterable[WalRecord]) -> None:
+        """Apply the records after the last applied one, in order (the lock is held)."""
+        for record in records:
+            if record.sequence <= self._applied:
+                continue
+            if record.sequence != self._applied + 1:
+                raise WalError(f"{self._log.name}: record {record.sequence} follows record {self._applied}")
+            try:
+                self._replay_one(record)
+            except (KeyError, TypeError, ValueError) as error:
+                raise WalError(
+                    f"{self._log.name}: record {record.sequence} ({record.op}) is malformed: {error}"
+                ) from error
+            self._applied = record.sequence
+
+    def follow(self) -> None:
+        """Apply what other replicas append to a shared log, from a background thread."""
+        if self._log.shared and self._follower is None:
+            self._follower = threading.Thread(target=self._follow, name=f"follow-{self.version}", daemon=True)
+            self._follower.start()
+
+    def _follow(self) -> None:
+        settings = self._settings.redis
+        failing = False
+        while not self._closed.is_set():
+            try:
+                records = self._log.wait_records_after(self._applied, settings.follow_block_s)
+                if records:
+                    with self._lock:
+                        if self._closed.is_set():
+                            return
+                        self._apply_records(records)
+                    event(log, "catalogue updates followed", version=self.version, last_sequence=self._applied)
+            except Unavailable as error:
+                if not failing:
+                    event(log, "cannot follow the shared catalogue-update log", level=logging.WARNING, error=str(error))
+                failing = True
+                self._closed.wait(settings.follow_retry_s)
+                continue
+            except WalError as error:
+                self._broken = (
+                    f"this replica stopped following the catalogue-update log of index version {self.version}: "
+                    f"{error}. It answers searches as of record {self._applied} and refuses changes; restart it"
+                )
+                event(log, "catalogue-update log cannot be followed", level=logging.ERROR, error=str(error))
+                return
+            if failing:
+                event(log, "following the shared catalogue-update log again", version=self.version)
+            failing = False
+
     def _replay_one(self, record: WalRecord) -> None:
         body = record.body
         if record.op == OP_UPSERT:
             if body["model"] != self._loaded.embedding_model:
                 raise WalError(
-                    f"{self._wal.path}: record {record.sequence} was embedded with {body['model']}, "
+                    f"{self._log.name}: record {record.sequence} was embedded with {body['model']}, "
                     f"the index with {self._loaded.embedding_model}"
                 )
             items = [_item_of(item) for item in body["items"]]
@@ -588,7 +553,7 @@ class LiveCatalog:
         elif record.op == OP_STOCK:
             self._apply_stock([(str(item_id), int(stock)) for item_id, stock in body["levels"]])
         elif record.op != OP_ORIGIN:
-            raise WalError(f"{self._wal.path}: record {record.sequence} has unknown operation {record.op!r}")
+            raise WalError(f"{self._log.name}: record {record.sequence} has unknown operation {record.op!r}")
 
 
 def read_params(artifacts: Path, artifact_name: str, version: str) -> dict[str, Any]:
@@ -598,51 +563,31 @@ def read_params(artifacts: Path, artifact_name: str, version: str) -> dict[str, 
     return params if isinstance(params, dict) else {}
 
 
-def _carry_over(wal_root: Path, artifact_name: str, version: str, params: dict[str, Any], fsync: bool) -> None:
-    """Start the log of a new version with what its build did not fold in.
-
-    The build recorded the version whose log it folded and the last sequence it read;
-    later records of that log (changes acknowledged while the build ran) are copied,
-    renumbered after an ``origin`` record, into this version's log.
-    """
+def folded_from(params: dict[str, Any], artifact_name: str) -> FoldedFrom | None:
+    """What the build of a version (its manifest ``params``) folded of ``artifact_name``'s log."""
     folded = params.get(FOLDED_PARAM, {}).get("folded", {}).get(artifact_name)
-    if not isinstance(folded, dict) or not folded.get("version") or folded["version"] == version:
-        return
-    source = wal_path(wal_root, artifact_name, str(folded["version"]))
-    after = int(folded.get("sequence", 0))
-    tail = [record for record in read_wal(source).records if record.sequence > after and record.op != OP_ORIGIN]
-    origin = WalRecord(1, OP_ORIGIN, int(time.time()), {"from_version": folded["version"], "after_sequence": after})
-    copied = [dataclasses.replace(record, sequence=position) for position, record in enumerate(tail, start=2)]
-    write_new_wal(wal_path(wal_root, artifact_name, version), [origin, *copied], fsync)
-    event(
-        log,
-        "catalogue updates carried over to the new index version",
-        version=version,
-        from_version=folded["version"],
-        after_sequence=after,
-        records=len(copied),
-    )
+    if not isinstance(folded, dict) or not folded.get("version"):
+        return None
+    return FoldedFrom(str(folded["version"]), int(folded.get("sequence", 0)))
 
 
 def open_live_catalog(
     loaded: LoadedIndex,
     artifact_name: str,
     params: dict[str, Any],
-    wal_root: Path,
+    store: UpdateLogStore,
     settings: CatalogUpdateSettings,
     encoder: TextQueryEncoder | None,
 ) -> LiveCatalog:
     """The live catalogue of ``loaded``: its log opened (or started from the tail of the
-    log its build folded) and replayed onto the index."""
-    path = wal_path(wal_root, artifact_name, loaded.version)
-    if not path.exists():
-        _carry_over(wal_root, artifact_name, loaded.version, params, settings.fsync)
-    wal, records = WriteAheadLog.open(path, settings.fsync)
-    live = LiveCatalog(loaded, wal, settings, encoder)
+    log its build folded) and replayed onto the index. Call :meth:`LiveCatalog.follow`
+    once it serves."""
+    update_log, records = store.open(artifact_name, loaded.version, folded_from(params, artifact_name))
+    live = LiveCatalog(loaded, update_log, settings, encoder)
     try:
         live.replay(records)
     except BaseException:
-        wal.close()
+        update_log.close()
         raise
     return live
 
@@ -748,7 +693,7 @@ def apply_to_dataset(dataset: Dataset, records: Sequence[WalRecord]) -> Dataset:
 
 
 def fold_into_dataset(
-    dataset: Dataset, artifacts: Path, wal_root: Path, artifact_names: Sequence[str]
+    dataset: Dataset, artifacts: Path, store: UpdateLogStore, artifact_names: Sequence[str]
 ) -> FoldedCatalog:
     """``dataset`` with the logs of the serving versions of ``artifact_names`` applied
     (what a build does first), and the manifest record of what it folded."""
@@ -758,10 +703,9 @@ def fold_into_dataset(
         if not (Path(artifacts) / name / CURRENT).is_file():
             continue
         version = current_version(artifacts, name)
-        contents = read_wal(wal_path(wal_root, name, version))
-        records.extend(contents.records)
-        last = contents.records[-1].sequence if contents.records else 0
-        folded[name] = {"version": version, "sequence": last}
+        logged = store.read(name, version)
+        records.extend(logged)
+        folded[name] = {"version": version, "sequence": logged[-1].sequence if logged else 0}
     changed = apply_to_dataset(dataset, records)
     counts = {
         "upserts": sum(len(r.body["items"]) for r in records if r.op == OP_UPSERT),

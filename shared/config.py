@@ -185,12 +185,45 @@ class ServerSettings(BaseModel):
     auth: AuthSettings = AuthSettings()
 
 
+class RedisConnectionSettings(BaseModel):
+    """How to reach a Redis server (shared/redis_client.py). Make it durable for the stores
+    that rely on it: ``appendonly yes`` and ``appendfsync always``."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    connect_timeout_s: float = Field(0.5, gt=0)
+    # Per Redis command (a Recommend waits at most this long for the online state before
+    # answering without it).
+    socket_timeout_s: float = Field(0.25, gt=0)
+    # Retries of a failed Redis command (connection errors, timeouts) before giving up.
+    retries: int = Field(1, ge=0, le=10)
+
+
+class SharedUpdateLogSettings(RedisConnectionSettings):
+    """The shared catalogue-update log in Redis (retrieval.updates.log = "redis")."""
+
+    # Streams are <key_prefix><index artifact name>:<version>.
+    key_prefix: str = Field("vitrine:catalog:", min_length=1)
+    # A replica waits this long for new records per read before checking again; records
+    # from other replicas are applied as soon as they arrive.
+    follow_block_s: float = Field(1.0, gt=0, le=30)
+    # After a failed read, the follower waits this long before retrying.
+    follow_retry_s: float = Field(0.5, gt=0)
+    # Appends that lose the race for the next sequence to another replica catch up and
+    # retry this many times before answering UNAVAILABLE.
+    append_attempts: int = Field(20, ge=1, le=1000)
+
+
 class CatalogUpdateSettings(BaseModel):
     """UpsertItems / DeleteItems / UpdateStock on the live index (docs/catalog-updates.md)."""
 
-    # Write-ahead logs: <wal_dir>/<index artifact name>-updates/<version>/wal.jsonl; None:
+    # "file": a write-ahead log on local disk, for ONE retrieval replica per index (or
+    # shard). "redis": one shared log (a Redis stream per index version) that every
+    # replica appends to and follows, so an update sent to one replica reaches them all.
+    log: Literal["file", "redis"] = "file"
+    # File log: <wal_dir>/<index artifact name>-updates/<version>/wal.jsonl; None:
     # the artifact root (retrieval.artifacts). The next build-index reads them from there too.
     wal_dir: Path | None = None
+    redis: SharedUpdateLogSettings = SharedUpdateLogSettings()
     # Items, ids or stock levels per call; a larger batch is refused (INVALID_ARGUMENT).
     max_batch: int = Field(1000, ge=1, le=100_000)
     # fsync every log write before acknowledging. Off: faster, but a machine crash (not a
@@ -261,13 +294,12 @@ class RetrievalSettings(ServerSettings):
         return self
 
 
-class OnlineStateSettings(BaseModel):
+class OnlineStateSettings(RedisConnectionSettings):
     """Where LogEvents keeps the events newer than the ranker snapshot (ranking_service/online.py)."""
 
     # "memory": in this process (lost on restart; one replica). "redis": shared by every
     # replica and kept across restarts (make Redis durable: appendonly yes).
     backend: Literal["memory", "redis"] = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = Field("vitrine:events:", min_length=1)
     # Newest events kept per user; older ones are in the next snapshot or forgotten.
     max_events_per_user: int = Field(500, ge=1)
@@ -275,11 +307,6 @@ class OnlineStateSettings(BaseModel):
     max_users: int = Field(1_000_000, ge=1)
     # A user's online events expire this long after their last event (Redis only).
     ttl_s: int = Field(30 * 86_400, ge=1)
-    connect_timeout_s: float = Field(0.5, gt=0)
-    # Per Redis command; a Recommend waits at most this long before answering without them.
-    socket_timeout_s: float = Field(0.25, gt=0)
-    # Retries of a failed Redis command (connection errors, timeouts) before giving up.
-    retries: int = Field(1, ge=0, le=10)
     # After a failed read, Recommends skip Redis for this long (snapshot history only), so a
     # hung Redis costs one request a timeout, not every request. LogEvents always tries.
     read_backoff_s: float = Field(1.0, ge=0)

@@ -29,6 +29,7 @@ from shared.datagen import GeneratorConfig, generate
 from shared.grpc_server import RunningServer
 from shared.proto.vitrine.v1 import ranking_pb2_grpc, retrieval_pb2_grpc
 from tests.fakes import HashingEmbedder
+from tests.redis_helpers import RedisServer, free_port, start_redis, stop_redis
 
 # Every build in the tests (in this process and in the commands it starts) tunes ALS on a
 # two-point grid: the tuning path runs, without the default grid's 36 fits per build.
@@ -137,3 +138,11 @@ def users_by_activity(dataset: Dataset) -> list[str]:
     counts = np.bincount(dataset.events.user_index, minlength=len(dataset.users))
     order = np.argsort(-counts, kind="stable")
     return [str(dataset.users.user_ids[row]) for row in order if counts[row] > 0]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for one test module (tests/redis_helpers.py)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"), free_port())
+    yield server
+    stop_redis(server)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,24 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from ranking_service.server import start_ranking_server
 from retrieval_service.artifact import build_index_artifact, load_index_artifact
 from retrieval_service.retriever import TextQueryEncoder
 from retrieval_service.server import start_retrieval_server
-from retrieval_service.updates import FOLDED_PARAM, WalError, fold_into_dataset, read_wal, wal_path
+from retrieval_service.update_log import FileLogStore, RedisLogStore, WalError, read_wal, wal_path
+from retrieval_service.updates import FOLDED_PARAM, fold_into_dataset
 from shared.artifacts import current_version, open_artifact
-from shared.config import CatalogUpdateSettings, RankingSettings, RetrievalSettings, VitrineSettings
+from shared.config import (
+    CatalogUpdateSettings,
+    RankingSettings,
+    RetrievalSettings,
+    SharedUpdateLogSettings,
+    VitrineSettings,
+)
 from shared.data import Dataset
+from shared.errors import Unavailable
 from shared.grpc_server import RunningServer
 from shared.proto.vitrine.v1 import (
     admin_pb2,
@@ -40,6 +50,7 @@ from shared.proto.vitrine.v1 import (
 from shared.security import AuthSettings, call_credentials_metadata
 from tests.conftest import BuiltArtifacts, users_by_activity
 from tests.fakes import HashingEmbedder
+from tests.redis_helpers import RedisServer, free_port, start_redis, stop_redis
 
 TIMEOUT_S = 10
 TOKEN = "catalog-updates-test-token-0123456789"
@@ -64,6 +75,7 @@ def live_server(
     embedder: HashingEmbedder | None,
     auth: AuthSettings | None = None,
     max_batch: int = 50,
+    updates: CatalogUpdateSettings | None = None,
 ) -> Iterator[Live]:
     settings = RetrievalSettings(
         artifacts=root,
@@ -71,7 +83,7 @@ def live_server(
         metrics_port=None,
         reload_poll_s=0,
         text_queries=embedder is not None,
-        updates=CatalogUpdateSettings(wal_dir=wal_root, max_batch=max_batch),
+        updates=updates or CatalogUpdateSettings(wal_dir=wal_root, max_batch=max_batch),
         auth=auth or AuthSettings(),
     )
     running = start_retrieval_server(
@@ -358,7 +370,7 @@ def test_next_build_folds_the_log_in_and_the_new_version_carries_the_rest(
         )
         old_version = live.version
 
-        folded = fold_into_dataset(dataset, root, wal_root, ["index"])
+        folded = fold_into_dataset(dataset, root, FileLogStore(wal_root, fsync=True), ["index"])
         # A change acknowledged while the build runs: not folded, carried over.
         stub.UpsertItems(
             retrieval_pb2.UpsertItemsRequest(items=[_item("late-1", f"{FRESH_TITLE} late")]), timeout=TIMEOUT_S
@@ -533,3 +545,184 @@ def test_filters_see_upserted_deleted_and_restocked_items(
             timeout=TIMEOUT_S,
         )
         assert not {"filtered-0", "filtered-2"} & set(_ids(mixed))
+
+
+# -- a log shared by several replicas (Redis) ------------------------------------------------------
+
+
+def _shared(url: str, name: str, **redis: object) -> CatalogUpdateSettings:
+    """A shared log in a real redis-server; each test its own key prefix."""
+    options: dict[str, object] = {"redis_url": url, "key_prefix": f"test:{name}:", "follow_block_s": 0.2, **redis}
+    return CatalogUpdateSettings(log="redis", max_batch=50, redis=SharedUpdateLogSettings(**options))
+
+
+def _eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> float:
+    """Seconds until ``check()`` holds (fails the test after ``timeout_s``)."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout_s:
+            pytest.fail(f"not true within {timeout_s} s")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def _stock_of(live: Live, item_id: str) -> int:
+    """The stock a popular item (the answer for an unknown user) is served with."""
+    found = live.stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id="nobody", n=20), timeout=TIMEOUT_S)
+    return {candidate.item_id: candidate.stock for candidate in found.candidates}[item_id]
+
+
+def test_replicas_sharing_a_redis_log_see_each_others_changes(
+    artifacts: BuiltArtifacts, embedder: HashingEmbedder, dataset: Dataset, redis_server: RedisServer
+) -> None:
+    updates = _shared(redis_server.url, "replicas")
+    with (
+        live_server(artifacts.root, Path("unused"), embedder, updates=updates) as first,
+        live_server(artifacts.root, Path("unused"), embedder, updates=updates) as second,
+    ):
+        popular = first.stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id="nobody", n=1), timeout=TIMEOUT_S)
+        neighbour = popular.candidates[0].item_id
+        assert _stock_of(second, neighbour) > 0
+        first.stub.UpsertItems(
+            retrieval_pb2.UpsertItemsRequest(items=[_item("shared-1", FRESH_TITLE)]), timeout=TIMEOUT_S
+        )
+        assert _ids(_text(first, FRESH_TITLE))[0] == "shared-1"  # the replica written to: at once
+        _eventually(lambda: _ids(_text(second, FRESH_TITLE))[:1] == ["shared-1"])
+        assert _text(second, FRESH_TITLE).candidates[0].fresh_item.title == FRESH_TITLE
+
+        second.stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=["shared-1"]), timeout=TIMEOUT_S)
+        _eventually(lambda: "shared-1" not in _ids(_text(first, FRESH_TITLE, n=50)))
+        first.stub.UpdateStock(
+            retrieval_pb2.UpdateStockRequest(levels=[retrieval_pb2.StockLevel(item_id=neighbour, stock=0)]),
+            timeout=TIMEOUT_S,
+        )
+        _eventually(lambda: _stock_of(second, neighbour) == 0)
+
+        # Writers on both replicas at once: every change gets its own sequence number, in
+        # one order that both replicas apply.
+        sequences: list[int] = []
+
+        def write(live: Live, prefix: str) -> None:
+            for position in range(8):
+                item = _item(f"{prefix}-{position}", f"{FRESH_TITLE} {prefix} {position}")
+                response = live.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[item]), timeout=TIMEOUT_S)
+                sequences.append(response.sequence)
+
+        writers = [threading.Thread(target=write, args=(live, name)) for live, name in ((first, "a"), (second, "b"))]
+        for writer in writers:
+            writer.start()
+        for writer in writers:
+            writer.join()
+        assert sorted(sequences) == list(range(4, 20))
+        written = {f"{prefix}-{position}" for prefix in "ab" for position in range(8)}
+        for live in (first, second):
+            _eventually(lambda live=live: written <= set(_ids(_text(live, FRESH_TITLE, n=60))))  # type: ignore[misc]
+    # A replica started later replays the shared log (no text model needed).
+    with live_server(artifacts.root, Path("unused"), None, updates=updates) as third:
+        found = set(_ids(_text_by_history(third, "a-0")))
+        assert found & written
+        assert _stock_of(third, neighbour) == 0
+        with pytest.raises(grpc.RpcError) as caught:
+            _similar(third, "shared-1")
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _text_by_history(live: Live, item_id: str) -> retrieval_pb2.RetrieveResponse:
+    response: retrieval_pb2.RetrieveResponse = live.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(history=retrieval_pb2.ItemHistory(item_ids=[item_id]), n=30), timeout=TIMEOUT_S
+    )
+    return response
+
+
+def test_shared_log_outage_fails_writes_not_reads_and_following_resumes(
+    artifacts: BuiltArtifacts, embedder: HashingEmbedder, tmp_path: Path
+) -> None:
+    port = free_port()
+    redis_server = start_redis(tmp_path / "redis", port)
+    updates = _shared(redis_server.url, "outage", connect_timeout_s=0.2, socket_timeout_s=0.2, retries=0)
+    try:
+        with (
+            live_server(artifacts.root, Path("unused"), embedder, updates=updates) as first,
+            live_server(artifacts.root, Path("unused"), embedder, updates=updates) as second,
+        ):
+            first.stub.UpsertItems(
+                retrieval_pb2.UpsertItemsRequest(items=[_item("out-1", FRESH_TITLE)]), timeout=TIMEOUT_S
+            )
+            _eventually(lambda: _ids(_text(second, FRESH_TITLE))[:1] == ["out-1"])
+            stop_redis(redis_server)
+            with pytest.raises(grpc.RpcError) as caught:
+                first.stub.UpsertItems(
+                    retrieval_pb2.UpsertItemsRequest(items=[_item("out-2", FRESH_TITLE)]), timeout=TIMEOUT_S
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert redis_server.url in (caught.value.details() or "")
+            assert _ids(_text(first, FRESH_TITLE))[0] == "out-1"  # reads go on, nothing lost
+            assert _ids(_text(second, FRESH_TITLE))[0] == "out-1"
+            # Redis comes back with its append-only file: the followers pick up again.
+            redis_server = start_redis(tmp_path / "redis", port)
+            response = second.stub.UpsertItems(
+                retrieval_pb2.UpsertItemsRequest(items=[_item("out-3", f"{FRESH_TITLE} again")]), timeout=TIMEOUT_S
+            )
+            assert response.sequence == 2
+            _eventually(lambda: _ids(_text(first, f"{FRESH_TITLE} again"))[:1] == ["out-3"])
+            # A Redis that would lose acknowledged writes on a restart gets none.
+            client = redis.Redis.from_url(redis_server.url)
+            client.config_set("appendfsync", "everysec")
+            client.close()
+        with live_server(artifacts.root, Path("unused"), embedder, updates=updates) as third:
+            with pytest.raises(grpc.RpcError) as caught:
+                third.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[_item("out-4", "x")]), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "appendfsync always" in (caught.value.details() or "")
+            assert set(_ids(_text(third, FRESH_TITLE))[:2]) == {"out-1", "out-3"}
+    finally:
+        if redis_server.process.poll() is None:
+            stop_redis(redis_server)
+    # No Redis at all: the server does not start serving an index it cannot bring up to date.
+    with (
+        pytest.raises(Unavailable, match=f"127.0.0.1:{port}"),
+        live_server(artifacts.root, Path("unused"), embedder, updates=updates),
+    ):
+        pass
+
+
+def test_a_new_build_takes_over_the_shared_log_and_the_old_version_stops_writing(
+    artifacts: BuiltArtifacts,
+    embedder: HashingEmbedder,
+    dataset: Dataset,
+    settings: VitrineSettings,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "artifacts"
+    shutil.copytree(artifacts.root / "index", root / "index")
+    updates = _shared(redis_server.url, "rebuild")
+    store = RedisLogStore(updates.redis, require_durable=True)
+    with live_server(root, Path("unused"), embedder, updates=updates) as old:
+        old.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[_item("fold-1", FRESH_TITLE)]), timeout=TIMEOUT_S)
+        folded = fold_into_dataset(dataset, root, store, ["index"])
+        assert "fold-1" in folded.dataset.catalog.item_ids.tolist()
+        old.stub.UpsertItems(
+            retrieval_pb2.UpsertItemsRequest(items=[_item("late-1", f"{FRESH_TITLE} late")]), timeout=TIMEOUT_S
+        )
+        new = build_index_artifact(folded.dataset, embedder, root, settings.index_build, extra_params=folded.params)
+        assert new.params[FOLDED_PARAM]["folded"] == {"index": {"version": old.version, "sequence": 1}}
+        # A replica of the new build (a rolling update) takes over the log's tail; the
+        # old version's replicas refuse changes from then on, so none is lost.
+        with live_server(root, Path("unused"), embedder, updates=updates) as fresh:
+            assert fresh.version == new.version
+            assert _ids(_text(fresh, f"{FRESH_TITLE} late"))[0] == "late-1"
+            with pytest.raises(grpc.RpcError) as caught:
+                old.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[_item("lost?", "x")]), timeout=TIMEOUT_S)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert new.version in (caught.value.details() or "")
+            # The old replica moves to the new version and writes again, for both.
+            with grpc.insecure_channel(f"127.0.0.1:{old.server.port}") as channel:
+                admin_pb2_grpc.AdminStub(channel).ReloadArtifacts(admin_pb2.ReloadArtifactsRequest(), timeout=TIMEOUT_S)
+            response = old.stub.UpsertItems(
+                retrieval_pb2.UpsertItemsRequest(items=[_item("after-1", f"{FRESH_TITLE} after")]), timeout=TIMEOUT_S
+            )
+            assert (response.index_version, response.sequence) == (new.version, 3)
+            _eventually(lambda: _ids(_text(fresh, f"{FRESH_TITLE} after"))[:1] == ["after-1"])
+    assert [record.op for record in store.read("index", new.version)] == ["origin", "upsert", "upsert"]
+    store.close()

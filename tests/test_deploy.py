@@ -257,16 +257,22 @@ def test_only_ranking_reaches_retrieval(rendered: tuple[str, Path], tmp_path: Pa
     assert grpc_rule["ports"] == [{"port": settings.retrieval.port, "protocol": "TCP"}]
 
 
-def test_ranking_replicas_share_online_state_that_only_they_reach(rendered: tuple[str, Path], tmp_path: Path) -> None:
-    """Several ranking pods: LogEvents on one must be seen by Recommend on another, so the
-    online state is the Redis of redis.yaml (durable), and only ranking pods reach it."""
+def test_replicas_share_online_state_and_catalogue_updates_in_redis(rendered: tuple[str, Path], tmp_path: Path) -> None:
+    """Several ranking pods: LogEvents on one must be seen by Recommend on another; several
+    retrieval pods: UpsertItems on one must reach the others. Both live in the Redis of
+    redis.yaml (durable), and only the services (and the build) reach it."""
     objects = _objects(rendered[1])
-    settings = _settings_of(_by_kind(objects, "Deployment")["vitrine-ranking"], _config_file(objects, tmp_path))
-    state = settings.ranking.online_state
-    assert state.backend == "redis"
-    url = urlsplit(state.redis_url)
+    config = _config_file(objects, tmp_path)
+    ranking = _settings_of(_by_kind(objects, "Deployment")["vitrine-ranking"], config)
+    retrieval_workloads = _workloads(objects, "retrieval")
+    retrieval = [_settings_of(_by_kind(objects, "Deployment")[name], config) for name in retrieval_workloads]
     service = _by_kind(objects, "Service")["vitrine-redis"]["spec"]
-    assert (url.hostname, url.port) == ("vitrine-redis", service["ports"][0]["port"])
+    redis_address = ("vitrine-redis", service["ports"][0]["port"])
+    assert ranking.ranking.online_state.backend == "redis"
+    assert _redis_address(ranking.ranking.online_state.redis_url) == redis_address
+    for settings in retrieval:
+        assert settings.retrieval.updates.log == "redis"
+        assert _redis_address(settings.retrieval.updates.redis.redis_url) == redis_address
     redis = _by_kind(objects, "StatefulSet")["vitrine-redis"]["spec"]
     pod_labels = redis["template"]["metadata"]["labels"]
     assert _selects(service["selector"], pod_labels)
@@ -276,8 +282,19 @@ def test_ranking_replicas_share_online_state_that_only_they_reach(rendered: tupl
     policy = _by_kind(objects, "NetworkPolicy")["vitrine-redis"]["spec"]
     assert _selects(policy["podSelector"]["matchLabels"], pod_labels)
     (rule,) = policy["ingress"]
-    assert _pods_selected(objects, rule["from"][0]["podSelector"]["matchLabels"]) == {"vitrine-ranking"}
+    admitted = {
+        name for source in rule["from"] for name in _pods_selected(objects, source["podSelector"]["matchLabels"])
+    }
+    assert admitted == {"vitrine-ranking", *retrieval_workloads}
+    assert {"app.kubernetes.io/name": "vitrine-build"} in [
+        source["podSelector"]["matchLabels"] for source in rule["from"]
+    ]
     assert rule["ports"] == [{"port": service["ports"][0]["port"], "protocol": "TCP"}]
+
+
+def _redis_address(url: str) -> tuple[str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.hostname, parts.port
 
 
 def test_dockerfile_targets_run_registered_commands() -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from ranking_service.artifact import KIND as RANKER_KIND
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.capture import header
 from ranking_service.features import FEATURE_NAMES
-from ranking_service.online import InMemoryUserState, OnlineEvent, merged_history, redacted_url
+from ranking_service.online import InMemoryUserState, OnlineEvent, merged_history
 from ranking_service.server import start_ranking_server
 from ranking_service.store import UserHistory
 from ranking_service.training import CaptureError, logged_requests, train_ranker_from_logs
@@ -38,7 +37,9 @@ from shared.data import CART, EVENT_CODE, EVENT_TYPES, PURCHASE, VIEW, WISHLIST,
 from shared.grpc_server import RunningServer
 from shared.interactions import event_intent, event_labels, event_weights
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
+from shared.redis_client import redacted_url
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
+from tests.redis_helpers import RedisServer, free_port, start_redis, stop_redis
 
 MAX_BATCH = 20
 
@@ -291,59 +292,6 @@ def test_too_many_events_is_invalid_argument(ranking: Ranking) -> None:
 # -- Redis ------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class RedisServer:
-    url: str
-    process: subprocess.Popen[bytes]
-
-
-def start_redis(directory: Path, port: int) -> RedisServer:
-    """A real redis-server on ``port``, append-only file in ``directory``, no snapshots;
-    returns once it answers PING. No redis-server on the machine is a failure, not a skip."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes"]
-    process = subprocess.Popen(
-        [*command, "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.2)
-    deadline = time.monotonic() + 10
-    try:
-        while True:
-            try:
-                client.ping()
-                return RedisServer(url, process)
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    process.kill()
-                    pytest.fail(f"redis-server on port {port} did not start")
-                time.sleep(0.05)
-    finally:
-        client.close()
-
-
-def stop_redis(server: RedisServer) -> None:
-    server.process.terminate()  # SIGTERM: Redis writes its append-only file and exits
-    server.process.wait(10)
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"), _free_port())
-    yield server
-    stop_redis(server)
-
-
 def test_redis_keeps_acknowledged_events_across_a_ranking_restart(
     artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, redis_server: RedisServer
 ) -> None:
@@ -377,7 +325,7 @@ def test_redis_keeps_acknowledged_events_across_a_ranking_restart(
 def test_redis_unreachable_fails_log_events_but_not_recommend(
     artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset
 ) -> None:
-    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     online = OnlineStateSettings(backend="redis", redis_url=url, connect_timeout_s=0.2, socket_timeout_s=0.2)
     running = start_ranking(artifacts, servers, online)
     try:
@@ -531,7 +479,7 @@ def test_acknowledged_events_survive_a_redis_restart(
     artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset, tmp_path: Path
 ) -> None:
     """With Redis' append-only file on, a restart of Redis itself loses nothing acknowledged."""
-    port = _free_port()
+    port = free_port()
     server = start_redis(tmp_path, port)
     online = OnlineStateSettings(backend="redis", redis_url=server.url, read_backoff_s=0)
     user, now = users_by_activity(dataset)[16], _now(dataset)
