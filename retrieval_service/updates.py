@@ -59,6 +59,7 @@ from shared.data import Catalog, Dataset, Events
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2
+from shared.telemetry import CATALOG_FOLLOW_FAILURES, CATALOG_SEQUENCE
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,10 @@ class LiveCatalog:
         update_log: UpdateLog,
         settings: CatalogUpdateSettings,
         encoder: TextQueryEncoder | None,
+        artifact_name: str = "index",
     ) -> None:
         self._loaded = loaded
+        self._artifact_name = artifact_name
         self._log = update_log
         self._settings = settings
         self._encoder = encoder
@@ -342,6 +345,7 @@ class LiveCatalog:
                     continue
                 planned.apply()
                 self._applied = record.sequence
+                CATALOG_SEQUENCE.labels(self._artifact_name, self.version).set(self._applied)
                 planned.result = dataclasses.replace(planned.result, sequence=record.sequence)
                 return planned
         raise Unavailable(
@@ -521,12 +525,14 @@ class LiveCatalog:
                         self._apply_records(records)
                     event(log, "catalogue updates followed", version=self.version, last_sequence=self._applied)
             except Unavailable as error:
+                CATALOG_FOLLOW_FAILURES.labels(self._artifact_name, "unreachable").inc()
                 if not failing:
                     event(log, "cannot follow the shared catalogue-update log", level=logging.WARNING, error=str(error))
                 failing = True
                 self._closed.wait(settings.follow_retry_s)
                 continue
             except WalError as error:
+                CATALOG_FOLLOW_FAILURES.labels(self._artifact_name, "broken").inc()
                 self._broken = (
                     f"this replica stopped following the catalogue-update log of index version {self.version}: "
                     f"{error}. It answers searches as of record {self._applied} and refuses changes; restart it"
@@ -583,7 +589,7 @@ def open_live_catalog(
     log its build folded) and replayed onto the index. Call :meth:`LiveCatalog.follow`
     once it serves."""
     update_log, records = store.open(artifact_name, loaded.version, folded_from(params, artifact_name))
-    live = LiveCatalog(loaded, update_log, settings, encoder)
+    live = LiveCatalog(loaded, update_log, settings, encoder, artifact_name)
     try:
         live.replay(records)
     except BaseException:

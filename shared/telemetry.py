@@ -45,6 +45,17 @@ ARTIFACT_INFO = Gauge(
     "vitrine_artifact_info", "Artifact version being served (value 1)", ["service", "artifact", "version"]
 )
 RELOADS = Counter("vitrine_artifact_reloads_total", "Artifact reload attempts", ["service", "artifact", "outcome"])
+# Replicas sharing a catalogue-update log: compare their sequences to see how far one lags.
+CATALOG_SEQUENCE = Gauge(
+    "vitrine_catalog_updates_applied_sequence",
+    "Last catalogue-update record applied to the served index (per index version)",
+    ["artifact", "version"],
+)
+CATALOG_FOLLOW_FAILURES = Counter(
+    "vitrine_catalog_log_follow_failures_total",
+    "Failed reads of the shared catalogue-update log (unreachable) or records that could not be applied (broken)",
+    ["artifact", "kind"],
+)
 
 
 def set_artifact_version(service: str, artifact: str, version: str, previous: str | None) -> None:

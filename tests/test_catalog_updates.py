@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from ranking_service.server import start_ranking_server
 from retrieval_service.artifact import build_index_artifact, load_index_artifact
@@ -617,6 +618,11 @@ def test_replicas_sharing_a_redis_log_see_each_others_changes(
         written = {f"{prefix}-{position}" for prefix in "ab" for position in range(8)}
         for live in (first, second):
             _eventually(lambda live=live: written <= set(_ids(_text(live, FRESH_TITLE, n=60))))  # type: ignore[misc]
+        # Both replicas (one process here, so one series) report the last record applied.
+        applied = REGISTRY.get_sample_value(
+            "vitrine_catalog_updates_applied_sequence", {"artifact": "index", "version": first.version}
+        )
+        assert applied == 19
     # A replica started later replays the shared log (no text model needed).
     with live_server(artifacts.root, Path("unused"), None, updates=updates) as third:
         found = set(_ids(_text_by_history(third, "a-0")))
