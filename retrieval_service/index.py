@@ -271,12 +271,20 @@ class VectorIndex:
         self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """Best ``n`` rows for one query (shape (1, d)); excluded and retired rows never returned."""
+        rows, scores, _ = self.search_with_vectors(query, n, exclude_rows)
+        return rows, scores
+
+    def search_with_vectors(
+        self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """:meth:`search`, and the stored vectors of the rows found (float32): the exact
+        re-score decoded them already, so callers that need them do not decode twice."""
         with self._lock.reading():
             return self._search(query, n, exclude_rows)
 
     def _search(
         self, query: npt.NDArray[np.float32], n: int, exclude_rows: npt.NDArray[np.int64] | None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
         retired = self._retired
         if exclude_rows is None or not len(exclude_rows):
             exclude = retired if len(retired) else None
@@ -286,7 +294,7 @@ class VectorIndex:
         available = size - (len(exclude) if exclude is not None else 0)
         n = min(n, available)
         if n <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+            return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, self.dimension), np.float32)
         shortlist = min(size, n * self._refine_factor if self._is_ivf else n)
         params: faiss.SearchParameters | None = None
         if exclude is not None:
@@ -299,7 +307,8 @@ class VectorIndex:
                 params.nprobe = self._nprobe
         _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
         rows = found[0][found[0] >= 0].astype(np.int64)
-        scores = (self.decoded(rows) @ query[0].astype(np.float32)).astype(np.float32)
+        vectors = self.decoded(rows)
+        scores = (vectors @ query[0].astype(np.float32)).astype(np.float32)
         fresh_vectors = self._fresh
         if self._is_ivf and fresh_vectors is not None and size > self._base_size:
             # Rows added since loading are all scored exactly (their float32 copies); the best
@@ -315,8 +324,9 @@ class VectorIndex:
             from_lists = rows < self._base_size
             rows = np.concatenate([rows[from_lists], fresh_rows])
             scores = np.concatenate([scores[from_lists], fresh_scores.astype(np.float32)])
+            vectors = np.concatenate([vectors[from_lists], fresh_vectors[fresh_rows - self._base_size]])
         best = np.argsort(-scores, kind="stable")[:n]
-        return rows[best], scores[best]
+        return rows[best], scores[best], vectors[best]
 
     def search_allowed(
         self, query: npt.NDArray[np.float32], n: int, allowed: npt.NDArray[np.bool_], exact_below: int

@@ -402,7 +402,7 @@ class Retriever:
         answer = self._sources[FUSED].propose(query, n)
         if not len(answer.rows):
             return None
-        items = self._loaded.index.decoded(answer.rows)
+        items = answer.vectors if answer.vectors is not None else self._loaded.index.decoded(answer.rows)
         tag = TAG[FUSED]
         scores = answer.scores.tolist()
         anchors = self._vector_anchors(items, query.anchor_ids, query.anchor_weights)

@@ -68,6 +68,8 @@ class SourceAnswer:
     scores: npt.NDArray[np.float32]
     # Per row, the anchor ids that led to it (strongest first); empty when the source has none.
     anchors: list[list[str]] = field(default_factory=list)
+    # Per row, its stored vector, when the source had it at hand (an unfiltered ANN search).
+    vectors: npt.NDArray[np.float32] | None = None
 
 
 EMPTY = SourceAnswer(np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -99,9 +101,9 @@ class AnnSource:
             return EMPTY
         index = self._loaded.index
         if query.allowed is None:
-            rows, scores = index.search(vector, n, query.exclude)
-        else:
-            rows, scores = index.search_allowed(vector, n, query.allowed, query.exact_filter_below)
+            rows, scores, vectors = index.search_with_vectors(vector, n, query.exclude)
+            return SourceAnswer(rows, scores, vectors=vectors)
+        rows, scores = index.search_allowed(vector, n, query.allowed, query.exact_filter_below)
         return SourceAnswer(rows, scores)
 
 
