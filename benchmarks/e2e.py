@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from ranking_service.artifact import load_ranker_artifact, write_ranker_artifact
 from ranking_service.candidates import CandidateStage
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
+from ranking_service.ragged import Ragged
 from ranking_service.retrieval_client import NO_OPTIONS, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
-from retrieval_service.retriever import Retriever
+from retrieval_service.retriever import Candidates, Retriever
 from retrieval_service.server import preferences as declared_preferences
 from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
@@ -74,7 +76,10 @@ class InProcessRetrieval:
     def __init__(self, retriever: Retriever) -> None:
         self._retriever = retriever
 
-    def _answer(self, found: Any) -> RetrievedCandidates:
+    def _answer(self, found: Candidates) -> RetrievedCandidates:
+        """What the served client reads from a columnar answer: the same fields (sources,
+        source scores, anchors, stock), so the floor computes the same features."""
+        counts = [len(tags) for tags in found.sources]
         return RetrievedCandidates(
             item_ids=found.item_ids,
             scores=np.asarray(found.scores, dtype=np.float32),
@@ -82,6 +87,15 @@ class InProcessRetrieval:
             collaborative_scores=np.asarray(found.collaborative_scores, dtype=np.float32),
             from_popular=found.source == "popular",
             index_version=found.index_version,
+            sources=Ragged.from_counts(list(chain.from_iterable(found.sources)), counts),
+            # float32, as the answer carries them.
+            source_scores=Ragged.from_counts(
+                np.asarray(list(chain.from_iterable(found.source_scores)), dtype=np.float32).tolist(), counts
+            ),
+            anchor_ids=Ragged.from_counts(
+                list(chain.from_iterable(found.anchors)), [len(anchors) for anchors in found.anchors]
+            ),
+            stock=np.asarray(found.stock, dtype=np.int64),
         )
 
     def by_history(
