@@ -133,6 +133,15 @@ class CandidateSource(Protocol):
     def close(self) -> None: ...
 
 
+def call_failed(error: grpc.RpcError, target: str) -> ServiceError:
+    """What a failed retrieval call means to the caller: :class:`InvalidArgument` when the
+    query itself was rejected, :class:`Unavailable` otherwise."""
+    code = error.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"retrieval rejected the query: {error.details()}")
+    return Unavailable(f"retrieval service at {target} failed: {code.name if code else 'UNKNOWN'} {error.details()}")
+
+
 class PendingCall(Generic[Response]):
     """One call in flight (a gRPC future) with its client span."""
 
@@ -147,12 +156,7 @@ class PendingCall(Generic[Response]):
             response = self._future.result()
         except grpc.RpcError as error:
             end_client_span(self._span, error)
-            code = error.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(f"retrieval rejected the query: {error.details()}") from error
-            raise Unavailable(
-                f"retrieval service at {self._target} failed: {code.name if code else 'UNKNOWN'} {error.details()}"
-            ) from error
+            raise call_failed(error, self._target) from error
         except grpc.FutureCancelledError as error:
             end_client_span(self._span, error)
             raise Unavailable(f"call to retrieval service at {self._target} was cancelled") from error
@@ -290,7 +294,16 @@ class RetrievalClient:
         # Columns: one packed field per attribute instead of one message per candidate (the
         # per-candidate form cost ~1.5 ms to build and ~2 ms to read for 500 candidates).
         request.columnar = True
-        return retrieved(self.start_retrieve(request, timeout_s).result())
+        # A blocking call, not a future: with no call in flight, every future() starts a new
+        # thread to poll the channel (grpc's sync client), ~0.3 ms per request.
+        span, metadata = start_client_span(RETRIEVE_METHOD)
+        try:
+            response = self._stub.Retrieve(request, timeout=timeout_s, metadata=(*metadata, *self._auth_metadata))
+        except grpc.RpcError as error:
+            end_client_span(span, error)
+            raise call_failed(error, self.target) from error
+        end_client_span(span)
+        return retrieved(response)
 
     def by_history(
         self,
