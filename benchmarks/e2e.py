@@ -391,10 +391,13 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
 
 
 def floor(
-    pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int
+    pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int, pace_rps: float | None = None
 ) -> tuple[FloorResult, list[tuple[str, ...]]]:
     """The same stages in this process, sequentially, one thread for search and predict.
 
+    ``pace_rps``: start request i at ``t0 + i / pace_rps`` (idle in between, as the served
+    open loop is at that rate) instead of back to back; a CPU left idle between requests on
+    a shared machine comes back with cold caches, which back-to-back requests never see.
     Also returns the recommended item ids per timed query (to compare two configurations).
     """
     for query in queries[:warm_up]:
@@ -403,7 +406,11 @@ def floor(
     timings: list[float] = []
     stages: dict[str, list[float]] = {}
     started_all = time.perf_counter()
-    for query in queries[warm_up:]:
+    for position, query in enumerate(queries[warm_up:]):
+        if pace_rps:
+            delay = started_all + position / pace_rps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         started = time.perf_counter()
         result = pipeline.recommend(query, 1.0)
         timings.append(time.perf_counter() - started)

@@ -225,6 +225,14 @@ def serve_and_floor(
         result.load_s = round(load_s, 2)
         floors[compiled_trees] = result.__dict__
         event(log, "floor done", **result.__dict__)
+        if compiled_trees:
+            # The floor paced like the lowest served rate: how much of served / floor is the
+            # idle time between requests rather than the serving path.
+            rate = min(bench.rates)
+            count = min(int(rate * bench.phase_seconds), bench.floor_requests)
+            paced, _ = floor(pipeline, floor_queries[: bench.warm_up_requests + count], bench.warm_up_requests, rate)
+            payload["floor_paced"] = paced.__dict__ | {"pace_rps": rate}
+            event(log, "paced floor done", **payload["floor_paced"])
         del pipeline
         gc.collect()
     payload["floor"] = floors[True]
