@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from ranking_service.artifact import load_ranker_artifact, write_ranker_artifact
 from ranking_service.candidates import CandidateStage
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
+from ranking_service.ragged import Ragged
 from ranking_service.retrieval_client import NO_OPTIONS, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
-from retrieval_service.retriever import Retriever
+from retrieval_service.retriever import Candidates, Retriever
 from retrieval_service.server import preferences as declared_preferences
 from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
@@ -74,7 +76,10 @@ class InProcessRetrieval:
     def __init__(self, retriever: Retriever) -> None:
         self._retriever = retriever
 
-    def _answer(self, found: Any) -> RetrievedCandidates:
+    def _answer(self, found: Candidates) -> RetrievedCandidates:
+        """What the served client reads from a columnar answer: the same fields (sources,
+        source scores, anchors, stock), so the floor computes the same features."""
+        counts = [len(tags) for tags in found.sources]
         return RetrievedCandidates(
             item_ids=found.item_ids,
             scores=np.asarray(found.scores, dtype=np.float32),
@@ -82,6 +87,15 @@ class InProcessRetrieval:
             collaborative_scores=np.asarray(found.collaborative_scores, dtype=np.float32),
             from_popular=found.source == "popular",
             index_version=found.index_version,
+            sources=Ragged.from_counts(list(chain.from_iterable(found.sources)), counts),
+            # float32, as the answer carries them.
+            source_scores=Ragged.from_counts(
+                np.asarray(list(chain.from_iterable(found.source_scores)), dtype=np.float32).tolist(), counts
+            ),
+            anchor_ids=Ragged.from_counts(
+                list(chain.from_iterable(found.anchors)), [len(anchors) for anchors in found.anchors]
+            ),
+            stock=np.asarray(found.stock, dtype=np.int64),
         )
 
     def by_history(
@@ -377,10 +391,13 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
 
 
 def floor(
-    pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int
+    pipeline: RankingPipeline, queries: list[RecommendQuery], warm_up: int, pace_rps: float | None = None
 ) -> tuple[FloorResult, list[tuple[str, ...]]]:
     """The same stages in this process, sequentially, one thread for search and predict.
 
+    ``pace_rps``: start request i at ``t0 + i / pace_rps`` (idle in between, as the served
+    open loop is at that rate) instead of back to back; a CPU left idle between requests on
+    a shared machine comes back with cold caches, which back-to-back requests never see.
     Also returns the recommended item ids per timed query (to compare two configurations).
     """
     for query in queries[:warm_up]:
@@ -389,7 +406,11 @@ def floor(
     timings: list[float] = []
     stages: dict[str, list[float]] = {}
     started_all = time.perf_counter()
-    for query in queries[warm_up:]:
+    for position, query in enumerate(queries[warm_up:]):
+        if pace_rps:
+            delay = started_all + position / pace_rps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         started = time.perf_counter()
         result = pipeline.recommend(query, 1.0)
         timings.append(time.perf_counter() - started)

@@ -41,6 +41,9 @@ class PhaseResult:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     max_ms: float = 0.0
+    # CPU time of the load generator (this process) per request sent, in ms: what the client
+    # takes from the 2 cores it shares with the services.
+    client_cpu_ms_per_request: float = 0.0
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +62,7 @@ class _Recorder:
         self.latencies: list[float] = []
         self.errors: Counter[str] = Counter()
         self.sent = 0
+        self.cpu_started = time.process_time()
 
     async def call(self, stub: ranking_pb2_grpc.RankingStub, request: ranking_pb2.RecommendRequest) -> None:
         self.sent += 1
@@ -89,6 +93,9 @@ class _Recorder:
             p95_ms=percentile(95),
             p99_ms=percentile(99),
             max_ms=round(float(millis.max()), 3) if len(millis) else 0.0,
+            client_cpu_ms_per_request=(
+                round((time.process_time() - self.cpu_started) * 1000.0 / self.sent, 3) if self.sent else 0.0
+            ),
         )
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
+import numpy.typing as npt
 
 from benchmarks.e2e import (
     build_artifacts,
@@ -35,10 +37,12 @@ from benchmarks.loadgen import closed_loop, open_loop
 from benchmarks.report import machine, update_doc, write_json
 from benchmarks.summary import summarise, targets
 from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
+from ranking_service.artifact import load_ranker_artifact
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.index import IndexLayout
 from retrieval_service.tuning import parse_layout
 from shared.config import VitrineSettings, load_settings
+from shared.data import Dataset
 from shared.logs import configure_logging, event
 
 log = logging.getLogger(__name__)
@@ -111,9 +115,47 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
     payload["artifacts"] = built.__dict__ | {"root": str(built.root)}
     del fused, catalogue
     gc.collect()
+    payload |= serve_and_floor(settings, root, dataset, built.snapshot_at, workdir, queries)
+    payload["total_s"] = round(time.perf_counter() - started, 1)
+    return payload
 
+
+def reuse_artifacts(settings: VitrineSettings, name: str, workdir: Path, command: str) -> dict[str, Any]:
+    """End to end and floor only, on the artifacts an earlier run left in ``workdir``
+    (the index grid and the builds skipped; the synthetic data regenerated for the queries):
+    before/after comparisons of serving code on the very same artifacts."""
+    bench = settings.bench
+    started = time.perf_counter()
+    root = workdir / "artifacts"
+    payload: dict[str, Any] = {
+        "name": name,
+        "command": command,
+        "machine": machine(),
+        "bench": bench.model_dump(),
+        "artifacts": {"root": str(root), "reused": True},
+    }
+    dataset = make_dataset(make_catalogue(bench, SEED), bench, SEED)
+    gc.collect()
+    snapshot_at = load_ranker_artifact(root).snapshot_at
+    payload |= serve_and_floor(settings, root, dataset, snapshot_at, workdir)
+    payload["total_s"] = round(time.perf_counter() - started, 1)
+    return payload
+
+
+def serve_and_floor(
+    settings: VitrineSettings,
+    root: Path,
+    dataset: Dataset,
+    snapshot_at: int,
+    workdir: Path,
+    queries: npt.NDArray[np.float32] | None = None,
+) -> dict[str, Any]:
+    """Both services as processes under load, then the same stages in-process (the floor);
+    with the index ``queries``, the re-score lever too."""
+    bench = settings.bench
+    payload: dict[str, Any] = {}
     ranking_settings = settings.ranking.model_copy(update={"candidates": bench.candidates, "predict_threads": 1})
-    load_queries = recommend_queries(dataset, bench.max_requests_per_phase, bench.k, built.snapshot_at, SEED + 2)
+    load_queries = recommend_queries(dataset, bench.max_requests_per_phase, bench.k, snapshot_at, SEED + 2)
     floor_queries = load_queries[: bench.floor_requests + bench.warm_up_requests]
     common_env = {"VITRINE_RETRIEVAL__RELOAD_POLL_S": "0", "VITRINE_RANKING__RELOAD_POLL_S": "0"}
     retrieval = start_service(
@@ -170,27 +212,33 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
 
     floors = {}
     answers = {}
-    lever_queries = queries[:50]
     # Lever: compiled trees (the served configuration) against LightGBM's own predict.
     for compiled_trees in (True, False):
         pipeline, load_s = load_floor(root, ranking_settings.model_copy(update={"compiled_trees": compiled_trees}))
         result, answers[compiled_trees] = floor(pipeline, floor_queries, bench.warm_up_requests)
-        if compiled_trees:
+        if compiled_trees and queries is not None:
             index = load_index_artifact(root).index
             payload["rescore_lever_ms"] = {
-                f"shortlist {n}": rescore_lever(index, lever_queries, n, SEED) for n in (1500, 5000)
+                f"shortlist {n}": rescore_lever(index, queries[:50], n, SEED) for n in (1500, 5000)
             }
             del index
         result.load_s = round(load_s, 2)
         floors[compiled_trees] = result.__dict__
         event(log, "floor done", **result.__dict__)
+        if compiled_trees:
+            # The floor paced like the lowest served rate: how much of served / floor is the
+            # idle time between requests rather than the serving path.
+            rate = min(bench.rates)
+            count = min(int(rate * bench.phase_seconds), bench.floor_requests)
+            paced, _ = floor(pipeline, floor_queries[: bench.warm_up_requests + count], bench.warm_up_requests, rate)
+            payload["floor_paced"] = paced.__dict__ | {"pace_rps": rate}
+            event(log, "paced floor done", **payload["floor_paced"])
         del pipeline
         gc.collect()
     payload["floor"] = floors[True]
     payload["floor_lightgbm_predict"] = floors[False]
     payload["floor_identical_answers"] = sum(a == b for a, b in zip(answers[True], answers[False], strict=True))
     faiss.omp_set_num_threads(2)
-    payload["total_s"] = round(time.perf_counter() - started, 1)
     return payload
 
 
@@ -200,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=None, help="catalogue size (default: bench.items)")
     parser.add_argument("--workdir", type=Path, default=Path("var/bench"), help="artifacts and service logs")
     parser.add_argument("--skip-e2e", action="store_true", help="index grid only")
+    parser.add_argument(
+        "--reuse-artifacts",
+        action="store_true",
+        help="end to end and floor only, on the artifacts of an earlier run in WORKDIR/artifacts (no docs update)",
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     parser.add_argument(
         "--docs-only", action="store_true", help="re-render docs/benchmarks.md from benchmarks/results/<name>.json"
@@ -214,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = "make bench" if args.name == "bench" else "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    if args.reuse_artifacts:
+        payload = reuse_artifacts(settings, args.name, args.workdir, command)
+        write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", payload)
+        print(json.dumps({"phases": payload["phases"], "floor": payload["floor"]}, indent=1))
+        return 0
     payload = run(settings, args.name, args.workdir, args.skip_e2e, command)
     payload["targets"] = targets(payload, settings)
     write_json(ROOT / "benchmarks" / "results" / f"{args.name}.json", payload)

@@ -166,7 +166,18 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             f"closed loop of {bench['saturation_concurrency']} callers.",
             "",
             table(
-                ["phase", "sent", "ok", "errors", "throughput/s", "p50 ms", "p95 ms", "p99 ms", "max ms"],
+                [
+                    "phase",
+                    "sent",
+                    "ok",
+                    "errors",
+                    "throughput/s",
+                    "p50 ms",
+                    "p95 ms",
+                    "p99 ms",
+                    "max ms",
+                    "load generator CPU ms/request",
+                ],
                 [
                     [
                         p["phase"],
@@ -178,6 +189,7 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
                         p["p95_ms"],
                         p["p99_ms"],
                         p["max_ms"],
+                        p.get("client_cpu_ms_per_request", "-"),
                     ]
                     for p in payload["phases"]
                 ],
@@ -225,6 +237,16 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
                 f"throughput {saturation['throughput_rps'] / floor['throughput_rps']:.2f}× (saturation vs the "
                 "single-threaded floor).",
             ]
+            paced = payload.get("floor_paced")
+            if paced:
+                lines += [
+                    "",
+                    f"Floor paced like the served phase ({paced['pace_rps']:g} requests/s, idle in between, "
+                    f"{paced['requests']} requests): p50 {paced['p50_ms']} ms, p95 {paced['p95_ms']} ms, stages "
+                    f"{paced['stage_mean_ms']}; served / paced floor: p50 "
+                    f"{lowest['p50_ms'] / paced['p50_ms']:.2f}× (the target above compares with the back-to-back "
+                    "floor).",
+                ]
     notes = Path(__file__).with_name("notes.md")
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]

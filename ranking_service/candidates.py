@@ -23,6 +23,7 @@ import numpy.typing as npt
 from ranking_service.features import CandidateSet, RequestContext
 from ranking_service.fresh_items import FreshItems
 from ranking_service.query import history_query
+from ranking_service.ragged import Ragged, rows_of
 from ranking_service.retrieval_client import CandidateSource, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings
@@ -176,22 +177,20 @@ class CandidateStage:
         if self._fresh is not None and retrieved.fresh_items:
             self._fresh.register(retrieved.item_ids, retrieved.fresh_items)
         item_row = self._item_row
-        known = np.asarray([item_id in item_row for item_id in retrieved.item_ids], dtype=bool)
+        all_rows = np.fromiter(
+            (item_row.get(item_id, -1) for item_id in retrieved.item_ids), np.int64, len(retrieved.item_ids)
+        )
+        known = all_rows >= 0
         return RetrievedSet(
             candidates=CandidateSet(
-                rows=np.asarray(
-                    [item_row[item_id] for item_id in retrieved.item_ids if item_id in item_row], dtype=np.int32
-                ),
+                rows=all_rows[known].astype(np.int32),
                 retrieval_scores=retrieved.scores[known],
                 content_scores=retrieved.content_scores[known],
                 collaborative_scores=retrieved.collaborative_scores[known],
                 from_popular=retrieved.from_popular,
                 sources=_kept(retrieved.sources, known),
                 source_scores=_kept(retrieved.source_scores, known),
-                anchor_rows=tuple(
-                    np.asarray([item_row[a] for a in anchors if a in item_row], dtype=np.int32)
-                    for anchors in _kept(retrieved.anchor_ids, known)
-                ),
+                anchor_rows=_anchor_rows(retrieved.anchor_ids, item_row, known),
                 stock=retrieved.stock[known] if retrieved.stock is not None else None,
             ),
             index_version=retrieved.index_version,
@@ -199,8 +198,26 @@ class CandidateStage:
         )
 
 
-def _kept(values: Sequence[tuple[Item, ...]], known: npt.NDArray[np.bool_]) -> tuple[tuple[Item, ...], ...]:
+def _kept(values: Sequence[tuple[Item, ...]], known: npt.NDArray[np.bool_]) -> Sequence[tuple[Item, ...]]:
     """The entries of the known candidates (empty when the answer carried none)."""
     if len(values) != len(known):
         return ()
+    if isinstance(values, Ragged):
+        return values if bool(np.all(known)) else values.kept(known)
     return tuple(value for value, keep in zip(values, known.tolist(), strict=True) if keep)
+
+
+def _anchor_rows(
+    anchor_ids: Sequence[tuple[str, ...]], item_row: dict[str, int], known: npt.NDArray[np.bool_]
+) -> Sequence[npt.NDArray[np.int32]]:
+    """Per known candidate, the rows of its anchors this snapshot knows (empty when the
+    answer carried no anchors)."""
+    if len(anchor_ids) != len(known):
+        return ()
+    if isinstance(anchor_ids, Ragged):
+        return rows_of(anchor_ids, item_row, known)
+    return tuple(
+        np.asarray([item_row[a] for a in anchors if a in item_row], dtype=np.int32)
+        for anchors, keep in zip(anchor_ids, known.tolist(), strict=True)
+        if keep
+    )

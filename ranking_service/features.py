@@ -8,12 +8,13 @@ what each feature means.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from ranking_service.ragged import Ragged
 from ranking_service.store import ItemStats, ItemTable, UserHistory
 from shared.data import CART, DEVICES, PURCHASE, WISHLIST
 from shared.interactions import SECONDS_PER_DAY, event_intent, event_weights
@@ -109,13 +110,14 @@ class CandidateSet:
     collaborative_scores: npt.NDArray[np.float32]
     from_popular: bool
     # Per candidate, the retrieval sources that proposed it ("collaborative", "covisitation"...);
-    # empty when the answer did not say (the popular-items fallback).
-    sources: tuple[tuple[str, ...], ...] = ()
+    # empty when the answer did not say (the popular-items fallback). A columnar retrieval
+    # answer keeps them flat (ranking_service/ragged.py).
+    sources: Sequence[tuple[str, ...]] = ()
     # Per candidate, each source's score, in the order of ``sources``.
-    source_scores: tuple[tuple[float, ...], ...] = ()
+    source_scores: Sequence[tuple[float, ...]] = ()
     # Per candidate, catalogue rows of the history or session items that led retrieval to it,
     # strongest first; empty when unknown.
-    anchor_rows: tuple[npt.NDArray[np.int32], ...] = ()
+    anchor_rows: Sequence[npt.NDArray[np.int32]] = ()
     # Per candidate, the stock retrieval reports now (UpdateStock applies at once); None: use
     # the snapshot's stock.
     stock: npt.NDArray[np.int64] | None = None
@@ -265,15 +267,32 @@ class FeatureBuilder:
             return
         flags = {name: np.zeros(n, np.float32) for name in SOURCE_FEATURES.values()}
         scores = {name: np.zeros(n, np.float64) for name in SOURCE_SCORE_FEATURES.values()}
-        has_scores = len(candidates.source_scores) == n
-        for position, tags in enumerate(candidates.sources):
-            values = candidates.source_scores[position] if has_scores else ()
-            for slot, tag in enumerate(tags):
-                if tag in SOURCE_FEATURES:
-                    flags[SOURCE_FEATURES[tag]][position] = 1.0
-                if tag in SOURCE_SCORE_FEATURES and slot < len(values):
-                    scores[SOURCE_SCORE_FEATURES[tag]][position] = values[slot]
-        put("source_count", np.asarray([len(tags) for tags in candidates.sources], np.float32))
+        sources, source_scores = candidates.sources, candidates.source_scores
+        if (
+            isinstance(sources, Ragged)
+            and isinstance(source_scores, Ragged)
+            and np.array_equal(sources.offsets, source_scores.offsets)
+        ):
+            # Flat (a columnar answer): the same values without a loop over candidates.
+            tags = np.asarray(sources.values, dtype=np.str_)
+            owners = sources.owners
+            flat_scores = np.asarray(source_scores.values, dtype=np.float64)
+            for tag, name in SOURCE_FEATURES.items():
+                flags[name][owners[tags == tag]] = 1.0
+            for tag, name in SOURCE_SCORE_FEATURES.items():
+                match = tags == tag
+                scores[name][owners[match]] = flat_scores[match]
+            put("source_count", sources.counts.astype(np.float32))
+        else:
+            has_scores = len(source_scores) == n
+            for position, tags_of in enumerate(sources):
+                values = source_scores[position] if has_scores else ()
+                for slot, tag in enumerate(tags_of):
+                    if tag in SOURCE_FEATURES:
+                        flags[SOURCE_FEATURES[tag]][position] = 1.0
+                    if tag in SOURCE_SCORE_FEATURES and slot < len(values):
+                        scores[SOURCE_SCORE_FEATURES[tag]][position] = values[slot]
+            put("source_count", np.asarray([len(tags_of) for tags_of in sources], np.float32))
         for name, column in flags.items():
             put(name, column)
         for name, score in scores.items():

@@ -227,12 +227,12 @@ class RankingPipeline:
             content_scores=np.concatenate([candidates.content_scores, zeros]),
             collaborative_scores=np.concatenate([candidates.collaborative_scores, zeros]),
             sources=(
-                candidates.sources + tuple(tag for tag, keep in zip(tags, new.tolist(), strict=True) if keep)
+                tuple(candidates.sources) + tuple(tag for tag, keep in zip(tags, new.tolist(), strict=True) if keep)
                 if candidates.sources
                 else ()
             ),
             anchor_rows=(
-                candidates.anchor_rows + (np.zeros(0, np.int32),) * len(extra) if candidates.anchor_rows else ()
+                tuple(candidates.anchor_rows) + (np.zeros(0, np.int32),) * len(extra) if candidates.anchor_rows else ()
             ),
             stock=(
                 None if candidates.stock is None else np.concatenate([candidates.stock, self.ranker.items.stock[extra]])

@@ -34,6 +34,7 @@ import numpy.typing as npt
 from opentelemetry import trace
 from pydantic import SecretStr
 
+from ranking_service.ragged import Ragged
 from shared.errors import InvalidArgument, ServiceError, Unavailable
 from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2, retrieval_pb2_grpc
@@ -67,13 +68,15 @@ class RetrievedCandidates:
     # Sharded index: why some shards are missing from the merge ("" when none is).
     partial_reason: str = ""
     # Per candidate, the attributes of an item upserted after the index build (None: a
-    # catalogue item); empty when the answer did not say.
-    fresh_items: tuple[catalog_pb2.ItemAttributes | None, ...] = ()
+    # catalogue item); empty when the answer did not say (or, for a columnar answer, when no
+    # candidate is such an item).
+    fresh_items: Sequence[catalog_pb2.ItemAttributes | None] = ()
     # Per candidate: every source that proposed it and that source's score, the history or
     # session items that led to it, and the stock retrieval reports (empty: not reported).
-    sources: tuple[tuple[str, ...], ...] = ()
-    source_scores: tuple[tuple[float, ...], ...] = ()
-    anchor_ids: tuple[tuple[str, ...], ...] = ()
+    # A columnar answer keeps the lists flat (:class:`Ragged`).
+    sources: Sequence[tuple[str, ...]] = ()
+    source_scores: Sequence[tuple[float, ...]] = ()
+    anchor_ids: Sequence[tuple[str, ...]] = ()
     stock: npt.NDArray[np.int64] | None = None
 
 
@@ -130,6 +133,15 @@ class CandidateSource(Protocol):
     def close(self) -> None: ...
 
 
+def call_failed(error: grpc.RpcError, target: str) -> ServiceError:
+    """What a failed retrieval call means to the caller: :class:`InvalidArgument` when the
+    query itself was rejected, :class:`Unavailable` otherwise."""
+    code = error.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"retrieval rejected the query: {error.details()}")
+    return Unavailable(f"retrieval service at {target} failed: {code.name if code else 'UNKNOWN'} {error.details()}")
+
+
 class PendingCall(Generic[Response]):
     """One call in flight (a gRPC future) with its client span."""
 
@@ -144,12 +156,7 @@ class PendingCall(Generic[Response]):
             response = self._future.result()
         except grpc.RpcError as error:
             end_client_span(self._span, error)
-            code = error.code()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidArgument(f"retrieval rejected the query: {error.details()}") from error
-            raise Unavailable(
-                f"retrieval service at {self._target} failed: {code.name if code else 'UNKNOWN'} {error.details()}"
-            ) from error
+            raise call_failed(error, self._target) from error
         except grpc.FutureCancelledError as error:
             end_client_span(self._span, error)
             raise Unavailable(f"call to retrieval service at {self._target} was cancelled") from error
@@ -174,6 +181,62 @@ def _candidates(
         anchor_ids=tuple(tuple(c.anchor_item_ids) for c in candidates),
         stock=np.fromiter((c.stock for c in candidates), np.int64, len(candidates)),
     )
+
+
+def _from_columns(
+    columns: retrieval_pb2.CandidateColumns, index_version: str, partial_reason: str = ""
+) -> RetrievedCandidates:
+    """A columnar answer (RetrieveRequest.columnar) as arrays and flat lists: the same
+    candidates :func:`_candidates` reads from the per-candidate form, without a Python
+    object per candidate."""
+    n = len(columns.item_ids)
+    names = list(columns.source_names)
+    primary = [names[code] for code in columns.primary_sources]
+    scores = np.asarray(columns.scores, dtype=np.float32)
+    source_counts = np.asarray(columns.source_counts, dtype=np.int64)
+    sources = [names[code] for code in columns.sources]
+    source_scores = list(columns.source_scores)
+    if len(primary) != n or len(source_counts) != n or len(scores) != n:
+        raise Unavailable(f"retrieval sent a columnar answer with columns of different lengths ({n} item ids)")
+    if not np.all(source_counts > 0):
+        # A candidate that lists no source stands for its primary source and score (as in
+        # the per-candidate form); rare, so per candidate.
+        per_candidate = list(Ragged.from_counts(sources, source_counts))
+        per_score = list(Ragged.from_counts(source_scores, source_counts))
+        for position in np.flatnonzero(source_counts == 0).tolist():
+            per_candidate[position] = (primary[position],)
+            per_score[position] = (float(scores[position]),)
+        source_counts = np.asarray([len(tags) for tags in per_candidate], dtype=np.int64)
+        sources = [tag for tags in per_candidate for tag in tags]
+        source_scores = [value for values in per_score for value in values]
+    fresh: tuple[catalog_pb2.ItemAttributes | None, ...] = ()
+    if columns.fresh_positions:
+        slots: list[catalog_pb2.ItemAttributes | None] = [None] * n
+        for position, attributes in zip(columns.fresh_positions, columns.fresh_items, strict=True):
+            slots[position] = attributes
+        fresh = tuple(slots)
+    return RetrievedCandidates(
+        item_ids=list(columns.item_ids),
+        scores=scores,
+        content_scores=np.asarray(columns.content_scores, dtype=np.float32),
+        collaborative_scores=np.asarray(columns.collaborative_scores, dtype=np.float32),
+        from_popular=n > 0 and primary[0] == SOURCE_POPULAR,
+        index_version=index_version,
+        partial_reason=partial_reason,
+        fresh_items=fresh,
+        sources=Ragged.from_counts(sources, source_counts),
+        source_scores=Ragged.from_counts(source_scores, source_counts),
+        anchor_ids=Ragged.from_codes(list(columns.anchor_item_ids), columns.anchors, columns.anchor_counts),
+        stock=np.asarray(columns.stock, dtype=np.int64),
+    )
+
+
+def retrieved(response: retrieval_pb2.RetrieveResponse, partial_reason: str = "") -> RetrievedCandidates:
+    """The candidates of an answer, columnar or per candidate (a server that predates
+    RetrieveRequest.columnar answers per candidate)."""
+    if response.HasField("columns"):
+        return _from_columns(response.columns, response.index_version, partial_reason)
+    return _candidates(response.candidates, response.index_version, partial_reason)
 
 
 class RetrievalClient:
@@ -228,8 +291,19 @@ class RetrievalClient:
         return PendingCall(future, span, self.target)
 
     def _call(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float) -> RetrievedCandidates:
-        response = self.start_retrieve(request, timeout_s).result()
-        return _candidates(response.candidates, response.index_version)
+        # Columns: one packed field per attribute instead of one message per candidate (the
+        # per-candidate form cost ~1.5 ms to build and ~2 ms to read for 500 candidates).
+        request.columnar = True
+        # A blocking call, not a future: with no call in flight, every future() starts a new
+        # thread to poll the channel (grpc's sync client), ~0.3 ms per request.
+        span, metadata = start_client_span(RETRIEVE_METHOD)
+        try:
+            response = self._stub.Retrieve(request, timeout=timeout_s, metadata=(*metadata, *self._auth_metadata))
+        except grpc.RpcError as error:
+            end_client_span(span, error)
+            raise call_failed(error, self.target) from error
+        end_client_span(span)
+        return retrieved(response)
 
     def by_history(
         self,

@@ -141,6 +141,7 @@ def test_harness_serves_loads_and_measures_the_floor(tmp_path: Path) -> None:
     assert saturated.ok > 0
     assert not saturated.errors
     assert saturated.throughput_rps > 0
+    assert fixed.client_cpu_ms_per_request > 0
     assert memory["rss_mb"] > 0
     assert ranking.start_s > 0
     pipeline, _ = load_floor(root, RankingSettings(candidates=TINY.candidates))
@@ -150,6 +151,10 @@ def test_harness_serves_loads_and_measures_the_floor(tmp_path: Path) -> None:
     assert result.requests == 15
     assert result.p50_ms > 0
     assert "predict" in result.stage_mean_ms
+    paced, paced_answers = floor(pipeline, load[:10], warm_up=5, pace_rps=50.0)
+    assert paced.requests == 5
+    assert paced.throughput_rps <= 5 / (4 / 50.0)  # four gaps of 20 ms at least
+    assert paced_answers == answers[:5]
 
 
 def test_doc_section_replaced_between_markers(tmp_path: Path) -> None:
