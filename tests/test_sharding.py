@@ -379,7 +379,10 @@ def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
     )
     now = int(dataset.events.timestamp.max()) + 60
     user = users_by_activity(dataset)[1]
-    ranking = _ranking(artifacts, [*shard_set.targets[:2], target])
+    # The hung shard holds the query step for its whole share of the retrieval timeout;
+    # 3 s leaves the healthy shards ample time on a loaded 2-core machine (with 1 s they
+    # missed the search step there now and then, and the answer came out degraded).
+    ranking = _ranking(artifacts, [*shard_set.targets[:2], target], retrieval_timeout_s=3.0)
     labels = {"service": RANKING_SERVICE, "reason": PARTIAL_SHARD_FAILED}
     try:
         with grpc.insecure_channel(target) as channel:
@@ -396,7 +399,7 @@ def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
             with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
                 response = ranking_pb2_grpc.RankingStub(channel).Recommend(
                     ranking_pb2.RecommendRequest(user_id=user, k=20, context=ranking_pb2.RequestContext(timestamp=now)),
-                    timeout=2.0,
+                    timeout=5.0,
                 )
             outcomes[fault] = round((time.perf_counter() - started) * 1000.0, 1)
             assert (response.degraded, response.partial) == (False, True), fault
@@ -404,7 +407,7 @@ def test_a_hung_or_killed_shard_gives_partial_answers_not_errors(
             assert {shard_of(item.item_id, SHARDS) for item in response.items} <= {0, 1}, fault
             assert response.index_version == shard_set.version
             assert _counter("vitrine_partial_responses_total", labels) == before + 1
-        print(f"\nRecommend with shard 2 hung / killed (caller deadline 2 s): {outcomes} ms, partial answers")
+        print(f"\nRecommend with shard 2 hung / killed (caller deadline 5 s): {outcomes} ms, partial answers")
     finally:
         ranking.stop()
         process.kill()
