@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
 from shared.config import RankerBuildSettings, RankingSettings
 from shared.data import Catalog, Dataset, DatasetError, Events, Users
+from shared.evaluation.baselines import EASE_BASELINE, tune
+from shared.evaluation.protocols import split
 from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
 from shared.logs import event
 from shared.metrics import mean, ndcg_at_k
@@ -258,6 +260,29 @@ def importance_and_trim(booster: lgb.Booster) -> dict[str, float]:
     return importance
 
 
+def with_tuned_item_model(history: Dataset, settings: RankerBuildSettings) -> RankerBuildSettings:
+    """The settings with ``item_model_lambda`` tuned as the evaluation tunes its EASE baseline:
+    over the same grid, on a random per-user split of the history (feature) events only."""
+    active = np.unique(history.events.item_index)
+    if not settings.item_model_tune or not len(active) or len(active) > settings.item_model_tune_max_items:
+        return settings
+    validation = split(history, "random", settings.seed)
+    column = np.full(len(history.catalog), -1, dtype=np.int32)
+    column[active] = np.arange(len(active), dtype=np.int32)
+    users = validation.evaluated_users
+    if not len(users):
+        return settings
+    tuned = tune(
+        EASE_BASELINE,
+        validation.train_matrix()[:, active].tocsr(),
+        [column[items] for items in validation.test_items],
+        users,
+        EVAL_K,
+    )
+    event(log, "item model tuned", l2=tuned.params["l2"], validation_ndcg=round(tuned.validation_ndcg, 4))
+    return settings.model_copy(update={"item_model_lambda": float(tuned.params["l2"])})
+
+
 def train_ranker_artifact(
     dataset: Dataset,
     content_vectors: npt.NDArray[np.float32],
@@ -281,6 +306,7 @@ def train_ranker_artifact(
         history_events if settings.label_split == "random" and cutoff is None else dataset.events,
         dataset.users.user_ids,
     )
+    settings = with_tuned_item_model(replace(dataset, events=history_events), settings)
     stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, settings)
     # Training must see real retrieval answers: a silent popular-items fallback would poison it.
     serving_for_training = serving.model_copy(update={"candidates": settings.candidates, "fallback_to_popular": False})
