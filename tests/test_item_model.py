@@ -10,14 +10,26 @@ import pytest
 import scipy.sparse as sp
 
 from ranking_service.artifact import load_ranker_artifact
+from ranking_service.candidates import CandidateStage
 from ranking_service.features import FEATURE_INDEX, CandidateSet, FeatureBuilder, RequestContext
-from ranking_service.store import ItemStats, ItemTable, UserHistory, item_model
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.store import (
+    ItemStats,
+    ItemTable,
+    UserHistory,
+    UserHistoryStore,
+    item_model,
+    item_stats,
+    item_table,
+)
+from ranking_service.training import assemble, label_mask, replay_requests
 from shared.artifacts import ArtifactError
 from shared.config import RankerBuildSettings, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.evaluation.baselines import EASE_BASELINE, ease_weights
 from shared.interactions import event_weights
-from tests.conftest import BuiltArtifacts
+from tests.conftest import BuiltArtifacts, Servers
+from tests.fakes import HashingEmbedder
 
 ITEM_MODEL_FEATURES = ("item_model_score", "item_model_relative", "item_model_rank")
 
@@ -134,3 +146,28 @@ def test_tampered_item_model_is_refused(artifacts: BuiltArtifacts, tmp_path: Pat
     np.save(data, np.load(data) * 2)
     with pytest.raises(ArtifactError, match=r"checksum mismatch for stats/item_model_data\.npy"):
         load_ranker_artifact(root, version=artifacts.ranker.version)
+
+
+def test_random_split_training_leaves_the_history_out_of_the_candidates(
+    dataset: Dataset, embedder: HashingEmbedder, servers: Servers, settings: VitrineSettings
+) -> None:
+    """Gap-filling labels are never history items: training asks retrieval to exclude them all."""
+    build = settings.ranker_build.model_copy(update={"label_split": "random"})
+    mask = label_mask(dataset, build)
+    requests = replay_requests(dataset, mask, build)[:15]
+    history_events = dataset.events.select(~mask)
+    histories = UserHistoryStore(history_events, dataset.users.user_ids)
+    items = item_table(dataset, embedder.encode(dataset.catalog.embedding_texts()))
+    stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, build)
+    client = RetrievalClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    try:
+        stage = CandidateStage(
+            items, items.row_of(), stats.popular_rows, client, settings.ranking.model_copy(update={"candidates": 100})
+        )
+        builder = FeatureBuilder(items, stats)
+        for exclude, expect_history in ((False, True), (True, False)):
+            data = assemble(requests, histories, stage, builder, "requests", exclude_history=exclude)
+            repeats = np.concatenate(data.features)[:, FEATURE_INDEX["user_item_interactions"]]
+            assert bool((repeats > 0).any()) is expect_history
+    finally:
+        client.close()
