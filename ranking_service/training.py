@@ -266,7 +266,8 @@ def with_tuned_item_model(history: Dataset, settings: RankerBuildSettings) -> Ra
     """The settings with ``item_model_lambda`` tuned as the evaluation tunes its EASE baseline:
     over the same grid, on a random per-user split of the history (feature) events only."""
     active = np.unique(history.events.item_index)
-    if not settings.item_model_tune or not len(active) or len(active) > settings.item_model_tune_max_items:
+    limit = min(settings.item_model_tune_max_items, settings.item_model_max_items)
+    if not settings.item_model_tune or not len(active) or len(active) > limit:
         return settings
     validation = split(history, "random", settings.seed)
     column = np.full(len(history.catalog), -1, dtype=np.int32)
