@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
-from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_stats
+from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_model, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
 from shared.config import RankerBuildSettings
 from shared.data import Dataset, Events
@@ -67,9 +67,15 @@ def write_ranker_artifact(
         writer.save_array("events/event_code.npy", events.event_code)
         writer.save_array("events/timestamp.npy", events.timestamp)
         # Computed here, once per build, rather than at every start-up (seconds at 1M items).
-        neighbours = co_interactions(events, len(items), _build_settings(params, root))
-        for part in _NEIGHBOUR_PARTS:
-            writer.save_array(f"stats/co_interactions_{part}.npy", getattr(neighbours, part))
+        settings = _build_settings(params, root)
+        neighbours = co_interactions(events, len(items), settings)
+        # EASE weights of the snapshot (an empty matrix: too many items for an item model).
+        weights = item_model(events, len(items), settings)
+        if weights is None:
+            weights = sp.csr_matrix((len(items), len(items)), dtype=np.float32)
+        for matrix_name, matrix in (("co_interactions", neighbours), ("item_model", weights)):
+            for part in _NEIGHBOUR_PARTS:
+                writer.save_array(f"stats/{matrix_name}_{part}.npy", getattr(matrix, part))
         artifact = writer.commit(KIND, {**params, "snapshot_at": snapshot_at}, metrics)
     event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
@@ -108,9 +114,10 @@ def _build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
     return RankerBuildSettings.model_validate(recorded)
 
 
-def _load_neighbours(artifact: Artifact, n_items: int) -> sp.csr_matrix:
-    """The stored co-interaction matrix, after a structural check (scipy trusts its inputs)."""
-    indptr, indices, data = (artifact.load_array(f"stats/co_interactions_{part}.npy") for part in _NEIGHBOUR_PARTS)
+def _load_item_matrix(artifact: Artifact, n_items: int, matrix_name: str) -> sp.csr_matrix:
+    """A stored item x item matrix (co_interactions, item_model), after a structural check
+    (scipy trusts its inputs)."""
+    indptr, indices, data = (artifact.load_array(f"stats/{matrix_name}_{part}.npy") for part in _NEIGHBOUR_PARTS)
     if (
         indptr.shape != (n_items + 1,)
         or len(indices) != len(data)
@@ -119,7 +126,7 @@ def _load_neighbours(artifact: Artifact, n_items: int) -> sp.csr_matrix:
         or np.any(np.diff(indptr) < 0)
         or (len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= n_items))
     ):
-        raise ArtifactError(f"{artifact.path}: co-interaction matrix does not fit {n_items} items; rebuild the ranker")
+        raise ArtifactError(f"{artifact.path}: {matrix_name} matrix does not fit {n_items} items; rebuild the ranker")
     return sp.csr_matrix((data, indices, indptr), shape=(n_items, n_items))
 
 
@@ -163,7 +170,8 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
             len(items),
             snapshot_at,
             _build_settings(artifact.params, artifact.path),
-            _load_neighbours(artifact, len(items)),
+            _load_item_matrix(artifact, len(items), "co_interactions"),
+            _load_item_matrix(artifact, len(items), "item_model"),
         ),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,

@@ -52,6 +52,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "co_interaction_score",
     "co_interaction_mean",
     "co_interaction_max",
+    "item_model_score",
+    "item_model_relative",
+    "item_model_rank",
     "hour_of_day",
     "day_of_week",
     "device",
@@ -250,6 +253,7 @@ class FeatureBuilder:
             put("co_interaction_score", score)
             put("co_interaction_mean", score / anchor_weights.sum())
             put("co_interaction_max", similar.max(axis=0).toarray().ravel())
+            self._item_model_features(anchors, anchor_weights, rows, put)
 
         self._source_features(candidates, put)
 
@@ -258,6 +262,26 @@ class FeatureBuilder:
         put("day_of_week", moment.weekday())
         put("device", DEVICES.index(context.device) if context.device in DEVICES else -1)
         return FeatureMatrix(values=values, closest_history_row=closest_row, closest_history_code=closest_code)
+
+    def _item_model_features(
+        self,
+        anchors: npt.NDArray[np.int32],
+        anchor_weights: npt.NDArray[np.float64],
+        rows: npt.NDArray[np.int32],
+        put: Callable[[str, npt.ArrayLike], None],
+    ) -> None:
+        """EASE score of each candidate given the anchors (weighted as for co-interactions),
+        relative to the request's best, and the candidate's rank by it (0 = best)."""
+        model = self._stats.item_model
+        if model is None or not model.nnz or not len(rows):
+            return
+        score = np.asarray(model[anchors][:, rows].T @ anchor_weights).ravel()
+        top = float(np.abs(score).max())
+        rank = np.empty(len(rows), dtype=np.float32)
+        rank[np.argsort(-score, kind="stable")] = np.arange(len(rows), dtype=np.float32)
+        put("item_model_score", score)
+        put("item_model_relative", score / top if top > 0 else score)
+        put("item_model_rank", rank)
 
     @staticmethod
     def _source_features(candidates: CandidateSet, put: Callable[[str, npt.ArrayLike], None]) -> None:

@@ -80,9 +80,12 @@ class FreshItems:
             created_at=_extended(items.created_at, capacity),
             content_vectors=_extended(np.asarray(items.content_vectors), capacity),
         )
-        neighbours = stats.co_interactions
         size = self._base + capacity
-        indptr = np.concatenate([neighbours.indptr, np.full(capacity, neighbours.indptr[-1], neighbours.indptr.dtype)])
+
+        def grown(matrix: sp.csr_matrix) -> sp.csr_matrix:
+            indptr = np.concatenate([matrix.indptr, np.full(capacity, matrix.indptr[-1], matrix.indptr.dtype)])
+            return sp.csr_matrix((matrix.data, matrix.indices, indptr), shape=(size, size))
+
         self.stats = dataclasses.replace(
             stats,
             log_popularity=_extended(stats.log_popularity, capacity),
@@ -90,7 +93,8 @@ class FreshItems:
             log_purchases=_extended(stats.log_purchases, capacity),
             conversion_rate=_extended(stats.conversion_rate, capacity, float(np.median(stats.conversion_rate))),
             # Popular rows stay the snapshot's; the matrix gains empty rows and columns.
-            co_interactions=sp.csr_matrix((neighbours.data, neighbours.indices, indptr), shape=(size, size)),
+            co_interactions=grown(stats.co_interactions),
+            item_model=grown(stats.item_model) if stats.item_model is not None else None,
         )
         # A copy: the snapshot's own map stays as loaded.
         self.item_row = dict(item_row)

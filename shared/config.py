@@ -150,6 +150,17 @@ class RankerBuildSettings(BaseModel):
     co_interaction_history: int = Field(50, ge=1)
     co_interaction_neighbours: int = Field(100, ge=1)
     co_interaction_shrink: float = Field(10.0, ge=0)
+    # Item model (item_model_* features): EASE weights, B = I - P / diag(P) with
+    # P = (X'X + item_model_lambda I)^-1, fitted on the events the ranker may see when at most
+    # item_model_max_items items have events (a dense n x n inverse; above it: no item model,
+    # the features are 0). Each item keeps its item_model_neighbours largest weights. The build
+    # tunes item_model_lambda on a validation split of its feature events (the EASE baseline's
+    # grid) when item_model_tune and at most item_model_tune_max_items items have events.
+    item_model_max_items: int = Field(20_000, ge=0)
+    item_model_neighbours: int = Field(200, ge=1)
+    item_model_lambda: float = Field(300.0, gt=0)
+    item_model_tune: bool = True
+    item_model_tune_max_items: int = Field(5_000, ge=0)
     num_trees: int = Field(300, ge=1)
     num_leaves: int = Field(31, ge=2)
     learning_rate: float = Field(0.05, gt=0)

@@ -63,6 +63,20 @@ class ItemKNN:
         return np.asarray(self._matrix[users] @ self._similarity, dtype=np.float32)
 
 
+def ease_weights(matrix: sp.csr_matrix, l2: float, max_items: int = EASE_MAX_ITEMS) -> npt.NDArray[np.float32]:
+    """EASE's item x item weights B = I - P / diag(P), P = (X'X + l2 I)^-1, zero diagonal
+    (Steck, 2019); a user scores item j by summing B[i, j] over their items i."""
+    n_items = matrix.shape[1]
+    if n_items > max_items:
+        raise ValueError(f"EASE needs a dense {n_items}x{n_items} inverse; limit is {max_items} items")
+    gram = (matrix.T @ matrix).toarray().astype(np.float64)
+    gram[np.diag_indices(n_items)] += l2
+    precision = np.linalg.inv(gram)
+    weights = precision / -np.diag(precision)
+    np.fill_diagonal(weights, 0.0)
+    return np.asarray(weights, dtype=np.float32)
+
+
 class EASE:
     """Embarrassingly Shallow Autoencoder (Steck, 2019): closed-form item-item weights."""
 
@@ -70,16 +84,8 @@ class EASE:
         self._l2 = l2
 
     def fit(self, matrix: sp.csr_matrix) -> None:
-        n_items = matrix.shape[1]
-        if n_items > EASE_MAX_ITEMS:
-            raise ValueError(f"EASE needs a dense {n_items}x{n_items} inverse; limit is {EASE_MAX_ITEMS} items")
         self._matrix = matrix
-        gram = (matrix.T @ matrix).toarray().astype(np.float64)
-        gram[np.diag_indices(n_items)] += self._l2
-        precision = np.linalg.inv(gram)
-        weights = precision / -np.diag(precision)
-        np.fill_diagonal(weights, 0.0)
-        self._weights = weights.astype(np.float32)
+        self._weights = ease_weights(matrix, self._l2)
 
     def scores(self, users: npt.NDArray[np.int64]) -> Scores:
         return np.asarray(self._matrix[users] @ self._weights, dtype=np.float32)
@@ -143,10 +149,12 @@ class Baseline:
             yield dict(zip(names, values, strict=True))
 
 
+# Also tunes the ranker's item model (ranking_service/store.py: item_model).
+EASE_BASELINE = Baseline("ease", EASE, {"l2": [50.0, 100.0, 200.0, 300.0, 500.0, 1000.0]}, max_items=EASE_MAX_ITEMS)
 BASELINES: tuple[Baseline, ...] = (
     Baseline("most-popular", lambda: MostPopular()),
     Baseline("item-knn", ItemKNN, {"neighbours": [5, 10, 20, 50, 100], "shrink": [0.0, 10.0, 50.0]}),
-    Baseline("ease", EASE, {"l2": [50.0, 100.0, 200.0, 300.0, 500.0, 1000.0]}, max_items=EASE_MAX_ITEMS),
+    EASE_BASELINE,
     Baseline(
         "als",
         ALS,

@@ -1,0 +1,173 @@
+"""The ranker's item model: EASE weights fitted at build time, stored in the artifact, as features."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from ranking_service.artifact import load_ranker_artifact
+from ranking_service.candidates import CandidateStage
+from ranking_service.features import FEATURE_INDEX, CandidateSet, FeatureBuilder, RequestContext
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.store import (
+    ItemStats,
+    ItemTable,
+    UserHistory,
+    UserHistoryStore,
+    item_model,
+    item_stats,
+    item_table,
+)
+from ranking_service.training import assemble, label_mask, replay_requests
+from shared.artifacts import ArtifactError
+from shared.config import RankerBuildSettings, VitrineSettings
+from shared.data import PURCHASE, VIEW, Dataset, Events
+from shared.evaluation.baselines import EASE_BASELINE, ease_weights
+from shared.interactions import event_weights
+from tests.conftest import BuiltArtifacts, Servers
+from tests.fakes import HashingEmbedder
+
+ITEM_MODEL_FEATURES = ("item_model_score", "item_model_relative", "item_model_rank")
+
+
+def _events(users: list[int], items: list[int]) -> Events:
+    n = len(users)
+    return Events(
+        user_index=np.asarray(users, np.int32),
+        item_index=np.asarray(items, np.int32),
+        event_code=np.full(n, VIEW, np.int8),
+        timestamp=np.arange(n, dtype=np.int64),
+        device=np.full(n, "web"),
+        session_id=np.full(n, "s"),
+    )
+
+
+def _items(n: int) -> ItemTable:
+    return ItemTable(
+        item_ids=np.asarray([f"i{r}" for r in range(n)]),
+        titles=np.asarray([f"Item {r}" for r in range(n)]),
+        brands=np.asarray(["Acme"] * n),
+        categories=np.asarray(["tools"] * n),
+        category_codes=np.zeros(n, np.int32),
+        brand_codes=np.zeros(n, np.int32),
+        prices=np.ones(n),
+        stock=np.ones(n, np.int64),
+        created_at=np.zeros(n, np.int64),
+        content_vectors=np.eye(n, 8, dtype=np.float16),
+    )
+
+
+def _stats(n: int, weights: sp.csr_matrix | None) -> ItemStats:
+    zeros = np.zeros(n, np.float32)
+    empty = sp.csr_matrix((n, n), dtype=np.float32)
+    return ItemStats(0, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), empty, weights)
+
+
+def _features(weights: sp.csr_matrix | None, candidates: list[int]) -> dict[str, np.ndarray]:
+    n = 5
+    # History, newest first: item 0 bought, item 1 viewed.
+    history = UserHistory(np.asarray([0, 1], np.int32), np.asarray([PURCHASE, VIEW], np.int8), np.asarray([20, 10]))
+    rows = np.asarray(candidates, np.int32)
+    ones = np.ones(len(rows), np.float32)
+    matrix = FeatureBuilder(_items(n), _stats(n, weights)).build(
+        history,
+        RequestContext(timestamp=100, device="web", session_rows=np.zeros(0, np.int32)),
+        CandidateSet(rows, ones, ones, ones, from_popular=False),
+    )
+    return {name: matrix.values[:, FEATURE_INDEX[name]] for name in ITEM_MODEL_FEATURES}
+
+
+def test_item_model_features_on_a_hand_checked_case() -> None:
+    weights = sp.lil_matrix((5, 5), dtype=np.float32)
+    weights[0, 2], weights[1, 2], weights[0, 3], weights[1, 4] = 0.5, 0.25, 0.1, -0.2
+    bought, viewed = event_weights(np.asarray([PURCHASE, VIEW], np.int8)).astype(np.float64)
+    values = _features(sp.csr_matrix(weights), [4, 3, 2])
+    expected = np.asarray([-0.2 * viewed, 0.1 * bought, 0.5 * bought + 0.25 * viewed])
+    np.testing.assert_allclose(values["item_model_score"], expected, rtol=1e-5)
+    np.testing.assert_allclose(values["item_model_relative"], expected / expected[2], rtol=1e-5)
+    np.testing.assert_array_equal(values["item_model_rank"], [2, 1, 0])
+
+
+def test_no_item_model_gives_zero_features() -> None:
+    for weights in (None, sp.csr_matrix((5, 5), dtype=np.float32)):
+        for values in _features(weights, [4, 3, 2]).values():
+            np.testing.assert_array_equal(values, 0.0)
+
+
+def test_item_model_is_the_ease_baseline_kept_to_its_best_weights() -> None:
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 40, 400), rng.integers(0, 12, 400)
+    # Catalogue of 20 items, 12 of them with events: the inverse is over those 12 only.
+    settings = RankerBuildSettings(item_model_lambda=5.0, item_model_neighbours=4)
+    model = item_model(_events(users.tolist(), items.tolist()), 20, settings)
+    assert model is not None
+    assert model.shape == (20, 20)
+    active = np.unique(items)
+    matrix = sp.csr_matrix((np.ones(400, np.float32), (users, np.searchsorted(active, items))), shape=(40, 12))
+    matrix.data[:] = 1.0
+    full = ease_weights(matrix, 5.0)
+    dense = model.toarray()[np.ix_(active, active)]
+    assert np.all(np.diff(model.indptr)[active] == 4)
+    for row in range(len(active)):
+        kept = np.flatnonzero(dense[row])
+        assert set(kept) == set(np.argsort(-full[row])[:4])
+        np.testing.assert_allclose(dense[row, kept], full[row, kept], rtol=1e-6)
+
+
+def test_no_item_model_above_the_item_limit() -> None:
+    events = _events([0, 0, 1, 1, 2], [0, 1, 1, 2, 3])  # 4 items with events
+    assert item_model(events, 10, RankerBuildSettings(item_model_max_items=3)) is None
+    assert item_model(events, 10, RankerBuildSettings(item_model_max_items=4)) is not None
+
+
+def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
+    dataset: Dataset, artifacts: BuiltArtifacts, settings: VitrineSettings
+) -> None:
+    loaded = load_ranker_artifact(artifacts.root)
+    recorded = RankerBuildSettings.model_validate(artifacts.ranker.params["ranker_build"])
+    # The build tuned lambda on its feature events over the EASE baseline's grid.
+    assert recorded.item_model_lambda in EASE_BASELINE.grid["l2"]
+    expected = item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), recorded)
+    stored = loaded.stats.item_model
+    assert expected is not None
+    assert stored is not None
+    assert stored.nnz == expected.nnz > 0
+    assert abs(stored - expected).max() == 0
+
+
+def test_tampered_item_model_is_refused(artifacts: BuiltArtifacts, tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    shutil.copytree(artifacts.ranker.path.parent, root / "ranker")
+    data = root / "ranker" / artifacts.ranker.version / "stats" / "item_model_data.npy"
+    np.save(data, np.load(data) * 2)
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for stats/item_model_data\.npy"):
+        load_ranker_artifact(root, version=artifacts.ranker.version)
+
+
+def test_random_split_training_leaves_the_history_out_of_the_candidates(
+    dataset: Dataset, embedder: HashingEmbedder, servers: Servers, settings: VitrineSettings
+) -> None:
+    """Gap-filling labels are never history items: training asks retrieval to exclude them all."""
+    build = settings.ranker_build.model_copy(update={"label_split": "random"})
+    mask = label_mask(dataset, build)
+    requests = replay_requests(dataset, mask, build)[:15]
+    history_events = dataset.events.select(~mask)
+    histories = UserHistoryStore(history_events, dataset.users.user_ids)
+    items = item_table(dataset, embedder.encode(dataset.catalog.embedding_texts()))
+    stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, build)
+    client = RetrievalClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    try:
+        stage = CandidateStage(
+            items, items.row_of(), stats.popular_rows, client, settings.ranking.model_copy(update={"candidates": 100})
+        )
+        builder = FeatureBuilder(items, stats)
+        for exclude, expect_history in ((False, True), (True, False)):
+            data = assemble(requests, histories, stage, builder, "requests", exclude_history=exclude)
+            repeats = np.concatenate(data.features)[:, FEATURE_INDEX["user_item_interactions"]]
+            assert bool((repeats > 0).any()) is expect_history
+    finally:
+        client.close()
