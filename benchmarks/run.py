@@ -97,6 +97,9 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
     )
     dataset = make_dataset(catalogue, bench, SEED)
     root = workdir / "artifacts"
+    if root.is_symlink():
+        # Removing it would leave the link and build into whatever it points at.
+        raise SystemExit(f"{root} is a symbolic link; the bench rebuilds it: give --workdir a real directory")
     shutil.rmtree(root, ignore_errors=True)
     built = build_artifacts(
         root,
