@@ -44,7 +44,7 @@ from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
 from shared.commands import start_server_process, vitrine_command
-from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings
+from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings, load_settings
 from shared.data import Dataset
 from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2
@@ -383,7 +383,12 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
     started = time.perf_counter()
     faiss.omp_set_num_threads(1)
     threadpool_limits(limits=1, user_api="blas")  # as both servers run
-    retriever = Retriever(load_index_artifact(root), max_candidates=1000, max_exclusions=10_000)
+    served = load_settings().retrieval  # the retrieval server's settings: same search, same work
+    retriever = Retriever(
+        load_index_artifact(root, refine_depth=served.refine_depth),
+        max_candidates=served.max_candidates,
+        max_exclusions=served.max_exclusions,
+    )
     pipeline = RankingPipeline(load_ranker_artifact(root), InProcessRetrieval(retriever), settings)
     pipeline.scorer.start_compiling()
     pipeline.scorer.ready.wait(START_TIMEOUT_S)

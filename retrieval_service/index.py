@@ -161,7 +161,12 @@ class VectorIndex:
     """
 
     def __init__(
-        self, index: faiss.Index, vectors: npt.NDArray[np.float16], nprobe: int, refine_factor: int = REFINE_FACTOR
+        self,
+        index: faiss.Index,
+        vectors: npt.NDArray[np.float16],
+        nprobe: int,
+        refine_factor: int = REFINE_FACTOR,
+        refine_depth: int | None = None,
     ) -> None:
         if index.ntotal != len(vectors):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(vectors)} item vectors were given")
@@ -179,6 +184,7 @@ class VectorIndex:
         self._lock = ReadWriteLock()
         self._nprobe = nprobe
         self._refine_factor = refine_factor
+        self._refine_depth = refine_depth
         self._is_ivf = isinstance(index, faiss.IndexIVF)
         # FAISS decodes float16 with SIMD: 2-3x faster than numpy's astype, the same values.
         self._decoder = faiss.ScalarQuantizer(int(vectors.shape[1]), faiss.ScalarQuantizer.QT_fp16)
@@ -196,6 +202,13 @@ class VectorIndex:
     def set_refine_factor(self, refine_factor: int) -> None:
         """Shortlist = refine_factor x n candidates from the IVF-PQ, re-scored exactly."""
         self._refine_factor = refine_factor
+
+    def shortlist_size(self, n: int) -> int:
+        """IVF-PQ rows re-scored exactly for an answer of ``n``: refine_factor x n, or with a
+        refine depth d, refine_factor x min(n, d) and at least n (the factor was tuned for
+        recall at depth d; deeper answers come from the same shortlist)."""
+        depth = n if self._refine_depth is None else min(n, self._refine_depth)
+        return max(n, depth * self._refine_factor)
 
     def set_nprobe(self, nprobe: int) -> None:
         """Lists probed per search (IVF only; a flat index ignores it)."""
@@ -295,7 +308,7 @@ class VectorIndex:
         n = min(n, available)
         if n <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, self.dimension), np.float32)
-        shortlist = min(size, n * self._refine_factor if self._is_ivf else n)
+        shortlist = min(size, self.shortlist_size(n) if self._is_ivf else n)
         params: faiss.SearchParameters | None = None
         if exclude is not None:
             # Both objects must stay referenced until the search returns (SWIG holds raw pointers).
@@ -355,7 +368,7 @@ class VectorIndex:
             params = faiss.SearchParametersIVF()
             params.sel = selector
             params.nprobe = self._nprobe
-            shortlist = min(len(matching), n * self._refine_factor)
+            shortlist = min(len(matching), self.shortlist_size(n))
             _, found = self._index.search(np.ascontiguousarray(query, dtype=np.float32), shortlist, params=params)
             rows = found[0][found[0] >= 0].astype(np.int64)
             if len(rows) >= n:

@@ -333,7 +333,12 @@ def start_retrieval_server(
             else:
                 encoders.append(text_encoder or load_text_encoder(embedding))
         loaded = load_index_artifact(
-            settings.artifacts, settings.nprobe, artifact_name, version, refine_factor=settings.refine_factor
+            settings.artifacts,
+            settings.nprobe,
+            artifact_name,
+            version,
+            refine_factor=settings.refine_factor,
+            refine_depth=settings.refine_depth,
         )
         if (loaded.shard, loaded.shard_count) != (settings.shard, settings.shards):
             # A shard answering for another shard's items would corrupt every merged answer.

@@ -275,6 +275,12 @@ class RetrievalSettings(ServerSettings):
     nprobe: int | None = Field(None, ge=1)
     # None: the shortlist factor the build's autotuner chose (manifest), else 3.
     refine_factor: int | None = Field(None, ge=1)
+    # None (default): a request for n candidates re-scores refine_factor x n rows. Set, e.g.
+    # 100 (the depth index_build.tuning.recall_at tunes the factor for): refine_factor x
+    # min(n, refine_depth) rows, at least n. At 1M items and n = 500 that halved the
+    # retrieve stage (13.2 -> 6.4 ms) but lost a quarter of the exact top 500 (recall@500
+    # 0.53 -> 0.41 at factor 3): a CPU-for-recall trade to make knowingly (docs/benchmarks.md).
+    refine_depth: int | None = Field(None, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
     search_threads: int = Field(1, ge=1)
     # Free-text queries need the text model in memory (~0.5 GB, ~8 s to load). It is loaded

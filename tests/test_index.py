@@ -51,6 +51,21 @@ def test_search_never_returns_excluded_rows_and_fills_n() -> None:
     assert np.all(np.diff(scores) <= 1e-6)
 
 
+def test_refine_depth_caps_the_shortlist_and_still_fills_n() -> None:
+    rng = np.random.default_rng(5)
+    vectors = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
+    faiss_index = build_index(vectors, choose_layout(len(vectors), 32, IndexBuildSettings()), seed=1)
+    full = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3)
+    capped = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3, refine_depth=10)
+    assert [full.shortlist_size(n) for n in (5, 50)] == [15, 150]
+    # factor x min(n, depth), never fewer than n.
+    assert [capped.shortlist_size(n) for n in (5, 10, 20, 50)] == [15, 30, 30, 50]
+    rows, scores = capped.search(vectors[:1], 50)
+    assert len(set(rows.tolist())) == len(rows) == 50
+    assert np.all(np.diff(scores) <= 1e-6)
+    assert rows[0] == 0  # the query's own item, scored exactly
+
+
 def test_exclusions_larger_than_catalogue_return_what_is_left() -> None:
     vectors = normalise_rows(np.random.default_rng(4).standard_normal((50, 8)).astype(np.float32))
     index = VectorIndex(
