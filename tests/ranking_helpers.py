@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+import numpy as np
 
 from ranking_service.server import start_ranking_server
+from ranking_service.store import ItemTable
 from shared.config import RankingSettings
 from shared.data import Dataset
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc
@@ -52,3 +54,19 @@ def recommend(
     request = ranking_pb2.RecommendRequest(user_id=user_id, k=k, context=context, **fields)
     response: ranking_pb2.RecommendResponse = stub.Recommend(request, timeout=10)
     return response
+
+
+def tiny_item_table(n: int = 6) -> ItemTable:
+    """``n`` items i0..i(n-1), one brand and category, orthogonal content vectors."""
+    return ItemTable(
+        item_ids=np.asarray([f"i{r}" for r in range(n)]),
+        titles=np.asarray([f"Item {r}" for r in range(n)]),
+        brands=np.asarray(["Acme"] * n),
+        categories=np.asarray(["tools"] * n),
+        category_codes=np.zeros(n, np.int32),
+        brand_codes=np.zeros(n, np.int32),
+        prices=np.ones(n),
+        stock=np.ones(n, np.int64),
+        created_at=np.zeros(n, np.int64),
+        content_vectors=np.eye(n, 8, dtype=np.float16),
+    )

@@ -13,12 +13,12 @@ from ranking_service.explain import FEATURE_TEXT, anchor_rows, explanations
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureMatrix
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
 from ranking_service.retrieval_client import RetrievalClient
-from ranking_service.store import ItemStats, ItemTable
+from ranking_service.store import ItemStats
 from shared.config import RankingSettings, RulesOverrides
 from shared.data import Dataset
 from shared.proto.vitrine.v1 import ranking_pb2
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
-from tests.ranking_helpers import now, recommend
+from tests.ranking_helpers import now, recommend, tiny_item_table
 
 
 def _history_and_session(dataset: Dataset, user: str, session: list[str]) -> set[str]:
@@ -77,22 +77,6 @@ def test_cold_start_explanations_have_no_anchors(servers: Servers, dataset: Data
 # -- on hand-made arrays -----------------------------------------------------------------------
 
 
-def _tiny_items(n: int = 6) -> ItemTable:
-    vectors = np.eye(n, 8, dtype=np.float16)
-    return ItemTable(
-        item_ids=np.asarray([f"i{r}" for r in range(n)]),
-        titles=np.asarray([f"Item {r}" for r in range(n)]),
-        brands=np.asarray(["Acme"] * n),
-        categories=np.asarray(["tools"] * n),
-        category_codes=np.zeros(n, np.int32),
-        brand_codes=np.zeros(n, np.int32),
-        prices=np.ones(n),
-        stock=np.ones(n, np.int64),
-        created_at=np.zeros(n, np.int64),
-        content_vectors=vectors,
-    )
-
-
 def _stats(n: int = 6) -> ItemStats:
     import scipy.sparse as sp
 
@@ -121,7 +105,7 @@ def test_contributions_are_the_largest_pred_contrib_in_words() -> None:
     )
     features = FeatureMatrix(values[:2], np.full(2, -1, np.int32), np.zeros(2, np.int8))
     result = explanations(
-        booster, features, np.asarray([0, 1]), candidates, np.zeros(0, np.int32), _tiny_items(), _stats()
+        booster, features, np.asarray([0, 1]), candidates, np.zeros(0, np.int32), tiny_item_table(), _stats()
     )
     full = np.asarray(booster.predict(values[:2], pred_contrib=True))
     for line, explanation in enumerate(result):

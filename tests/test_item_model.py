@@ -15,7 +15,6 @@ from ranking_service.features import FEATURE_INDEX, CandidateSet, FeatureBuilder
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.store import (
     ItemStats,
-    ItemTable,
     UserHistory,
     UserHistoryStore,
     item_model,
@@ -30,6 +29,7 @@ from shared.evaluation.baselines import EASE_BASELINE, ease_weights
 from shared.interactions import event_weights
 from tests.conftest import BuiltArtifacts, Servers
 from tests.fakes import HashingEmbedder
+from tests.ranking_helpers import tiny_item_table
 
 ITEM_MODEL_FEATURES = ("item_model_score", "item_model_relative", "item_model_rank")
 
@@ -46,21 +46,6 @@ def _events(users: list[int], items: list[int]) -> Events:
     )
 
 
-def _items(n: int) -> ItemTable:
-    return ItemTable(
-        item_ids=np.asarray([f"i{r}" for r in range(n)]),
-        titles=np.asarray([f"Item {r}" for r in range(n)]),
-        brands=np.asarray(["Acme"] * n),
-        categories=np.asarray(["tools"] * n),
-        category_codes=np.zeros(n, np.int32),
-        brand_codes=np.zeros(n, np.int32),
-        prices=np.ones(n),
-        stock=np.ones(n, np.int64),
-        created_at=np.zeros(n, np.int64),
-        content_vectors=np.eye(n, 8, dtype=np.float16),
-    )
-
-
 def _stats(n: int, weights: sp.csr_matrix | None) -> ItemStats:
     zeros = np.zeros(n, np.float32)
     empty = sp.csr_matrix((n, n), dtype=np.float32)
@@ -73,7 +58,7 @@ def _features(weights: sp.csr_matrix | None, candidates: list[int]) -> dict[str,
     history = UserHistory(np.asarray([0, 1], np.int32), np.asarray([PURCHASE, VIEW], np.int8), np.asarray([20, 10]))
     rows = np.asarray(candidates, np.int32)
     ones = np.ones(len(rows), np.float32)
-    matrix = FeatureBuilder(_items(n), _stats(n, weights)).build(
+    matrix = FeatureBuilder(tiny_item_table(n), _stats(n, weights)).build(
         history,
         RequestContext(timestamp=100, device="web", session_rows=np.zeros(0, np.int32)),
         CandidateSet(rows, ones, ones, ones, from_popular=False),
