@@ -35,6 +35,7 @@ from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, Featur
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
 from ranking_service.ragged import Ragged
 from ranking_service.retrieval_client import NO_OPTIONS, RetrievalOptions, RetrievedCandidates
+from ranking_service.scoring import score_prior
 from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
@@ -245,11 +246,14 @@ def build_artifacts(
         "verbose": -1,
     }
     # No early stopping: the model keeps the configured size (num_trees x num_leaves), the
-    # capacity a production ranker may reach.
+    # capacity a production ranker may reach. It starts from the configured prior, as served.
+    values = np.vstack(features)
+    prior = score_prior(ranker_settings)
     booster = lgb.train(
         lgb_params,
         lgb.Dataset(
-            np.vstack(features),
+            values,
+            init_score=prior.of(values) if prior is not None else None,
             label=np.concatenate(labels),
             group=groups,
             feature_name=list(FEATURE_NAMES),

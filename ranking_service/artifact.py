@@ -19,10 +19,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
-from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_model, item_stats
+from ranking_service.scoring import RankerModel, score_prior
+from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
 from shared.config import RankerBuildSettings
 from shared.data import Dataset, Events
+from shared.item_model import fit_item_model
 from shared.logs import event
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,10 @@ def write_ranker_artifact(
         writer.save_array("events/event_code.npy", events.event_code)
         writer.save_array("events/timestamp.npy", events.timestamp)
         # Computed here, once per build, rather than at every start-up (seconds at 1M items).
-        settings = _build_settings(params, root)
+        settings = recorded_build_settings(params, root)
         neighbours = co_interactions(events, len(items), settings)
         # EASE weights of the snapshot (an empty matrix: too many items for an item model).
-        weights = item_model(events, len(items), settings)
+        weights = fit_item_model(events, len(items), settings.item_model)
         if weights is None:
             weights = sp.csr_matrix((len(items), len(items)), dtype=np.float32)
         for matrix_name, matrix in (("co_interactions", neighbours), ("item_model", weights)):
@@ -105,7 +107,7 @@ def checked_model_text(path: Path) -> str:
     return text
 
 
-def _build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
+def recorded_build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
     """The settings the ranker was trained with: co-interaction features must be computed
     as they were in training."""
     recorded = params.get("ranker_build")
@@ -133,7 +135,7 @@ def _load_item_matrix(artifact: Artifact, n_items: int, matrix_name: str) -> sp.
 @dataclass(frozen=True)
 class LoadedRanker:
     version: str
-    booster: lgb.Booster
+    model: RankerModel
     items: ItemTable
     item_row: dict[str, int]
     stats: ItemStats
@@ -143,16 +145,26 @@ class LoadedRanker:
     model_path: Path | None = None
 
 
-def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:
-    artifact = open_artifact(root, name, KIND, version)
+def load_ranker_model(artifact: Artifact) -> RankerModel:
+    """The artifact's trees and prior, after checking they were trained on this build's features."""
     features = json.loads(artifact.file("features.json").read_text())
     if features.get("names") != list(FEATURE_NAMES):
         raise ArtifactError(
             f"{artifact.path}: the model was trained on features {features.get('names')}, "
             f"this build computes {list(FEATURE_NAMES)}; retrain the ranker"
         )
+    booster = lgb.Booster(model_str=checked_model_text(artifact.file("model.txt")))
+    try:
+        prior = score_prior(recorded_build_settings(artifact.params, artifact.path))
+    except ValueError as error:
+        raise ArtifactError(f"{artifact.path}: {error}") from error
+    return RankerModel(booster, prior)
+
+
+def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:
+    artifact = open_artifact(root, name, KIND, version)
+    model = load_ranker_model(artifact)
     model_path = artifact.file("model.txt")
-    booster = lgb.Booster(model_str=checked_model_text(model_path))
     # The content vectors (1M items: 768 MB) are mapped, not read: the largest part of start-up.
     items = ItemTable(
         **{field: artifact.load_array(f"items/{field}.npy", mmap=field in _MAPPED_FIELDS) for field in _ITEM_FIELDS}
@@ -162,14 +174,14 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
     snapshot_at = int(artifact.params["snapshot_at"])
     loaded = LoadedRanker(
         version=artifact.version,
-        booster=booster,
+        model=model,
         items=items,
         item_row=items.row_of(),
         stats=item_stats(
             events,
             len(items),
             snapshot_at,
-            _build_settings(artifact.params, artifact.path),
+            recorded_build_settings(artifact.params, artifact.path),
             _load_item_matrix(artifact, len(items), "co_interactions"),
             _load_item_matrix(artifact, len(items), "item_model"),
         ),

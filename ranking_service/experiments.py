@@ -12,14 +12,11 @@ so the pinned model must have been trained on the same FEATURE_NAMES: checked at
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-import lightgbm as lgb
-
-from ranking_service.artifact import DEFAULT_NAME, KIND, checked_model_text
-from ranking_service.features import FEATURE_NAMES
-from shared.artifacts import ArtifactError, open_artifact
+from ranking_service.artifact import DEFAULT_NAME, KIND, load_ranker_model
+from ranking_service.scoring import RankerModel
+from shared.artifacts import open_artifact
 from shared.config import ExperimentsSettings, ExperimentVariant
 
 CONTROL = ""
@@ -44,15 +41,9 @@ def assign(user_id: str, settings: ExperimentsSettings) -> ExperimentVariant | N
     return None
 
 
-def load_pinned_boosters(root: Path, settings: ExperimentsSettings, name: str = DEFAULT_NAME) -> dict[str, lgb.Booster]:
-    """The LightGBM models of the ranker versions the variants pin, by version."""
-    boosters: dict[str, lgb.Booster] = {}
-    for version in sorted({v.model_version for v in settings.variants if v.model_version}):
-        artifact = open_artifact(root, name, KIND, version)
-        features = json.loads(artifact.file("features.json").read_text())
-        if features.get("names") != list(FEATURE_NAMES):
-            raise ArtifactError(
-                f"{artifact.path}: experiment model {version} was trained on other features than this build computes"
-            )
-        boosters[version] = lgb.Booster(model_str=checked_model_text(artifact.file("model.txt")))
-    return boosters
+def load_pinned_models(root: Path, settings: ExperimentsSettings, name: str = DEFAULT_NAME) -> dict[str, RankerModel]:
+    """The models (trees and prior) of the ranker versions the variants pin, by version."""
+    return {
+        version: load_ranker_model(open_artifact(root, name, KIND, version))
+        for version in sorted({v.model_version for v in settings.variants if v.model_version})
+    }

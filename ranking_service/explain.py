@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureMatrix, intent_verb
+from ranking_service.scoring import RankerModel
 from ranking_service.store import ItemStats, ItemTable
 
 # Cosine between MiniLM texts above which two products read as "similar".
@@ -73,6 +73,7 @@ FEATURE_TEXT: dict[str, tuple[str, str]] = {
     "from_content_source": ("reads like items you looked at", "reads unlike items you looked at"),
     "from_collaborative_source": ("shoppers with similar taste chose it", "few shoppers like you chose it"),
     "from_covisitation_source": ("viewed in the same visits as {anchor}", "seldom viewed with your items"),
+    "from_item_model_source": ("goes with {anchor}", "a weaker fit to your items"),
     "from_trending_source": ("trending now", "not trending now"),
     "from_trending_category_source": ("trending in a category you browse", "not trending in your categories"),
     "source_covisitation_score": ("often viewed together with {anchor}", "seldom viewed with your items"),
@@ -153,7 +154,7 @@ def _words(feature: str, contribution: float, row: int, anchors: Sequence[int], 
 
 
 def explanations(
-    booster: lgb.Booster,
+    model: RankerModel,
     features: FeatureMatrix,
     positions: npt.NDArray[np.int64],
     candidates: CandidateSet,
@@ -167,9 +168,12 @@ def explanations(
     if not len(positions):
         return []
     # (k, features + 1): per-feature SHAP values, then the expected value.
+    selected = features.values[positions]
     contributions = np.asarray(
-        booster.predict(features.values[positions], pred_contrib=True, num_threads=threads), dtype=np.float64
+        model.booster.predict(selected, pred_contrib=True, num_threads=threads), dtype=np.float64
     )[:, : len(FEATURE_NAMES)]
+    if model.prior is not None:  # the prior is part of its feature's contribution
+        contributions[:, model.prior.column] += model.prior.of(selected)
     # (user rows, selected): one sparse slice for the whole answer.
     together = np.asarray(stats.co_interactions[user_rows][:, candidates.rows[positions]].toarray(), np.float32)
     result: list[Explanation] = []

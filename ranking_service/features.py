@@ -63,6 +63,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "from_content_source",
     "from_collaborative_source",
     "from_covisitation_source",
+    "from_item_model_source",
     "from_trending_source",
     "from_trending_category_source",
     "source_covisitation_score",
@@ -84,6 +85,7 @@ SOURCE_FEATURES: dict[str, str] = {
     "content": "from_content_source",
     "collaborative": "from_collaborative_source",
     "covisitation": "from_covisitation_source",
+    "item_model": "from_item_model_source",
     "trending": "from_trending_source",
     "trending_category": "from_trending_category_source",
 }

@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
@@ -31,7 +30,7 @@ from ranking_service.fresh_items import FreshItems
 from ranking_service.online import OnlineUserState, with_online_events
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import Candidates, RuleContext, RuleEffect, apply_chain, build_chain, merge_rules
-from ranking_service.scoring import Scorer
+from ranking_service.scoring import RankerModel, Scorer
 from ranking_service.store import UserHistory
 from shared.config import RankingSettings, RulesOverrides, RulesSettings
 from shared.data import DEVICES
@@ -119,7 +118,7 @@ class RankingPipeline:
         retrieval: CandidateSource,
         settings: RankingSettings,
         online: OnlineUserState | None = None,
-        pinned_boosters: dict[str, lgb.Booster] | None = None,
+        pinned_models: dict[str, RankerModel] | None = None,
     ) -> None:
         # Room for items upserted into the index after this snapshot (Candidate.fresh_item).
         self.fresh = FreshItems(ranker.items, ranker.item_row, ranker.stats, settings.fresh_items)
@@ -138,12 +137,12 @@ class RankingPipeline:
             str(brand): int(code)
             for brand, code in zip(ranker.items.brands.tolist(), ranker.items.brand_codes.tolist(), strict=True)
         }
-        self.scorer = Scorer(ranker.booster, ranker.model_path, settings.predict_threads, settings.compiled_trees)
+        self.scorer = Scorer(ranker.model, ranker.model_path, settings.predict_threads, settings.compiled_trees)
         # Experiment variants that pin another ranker version: its trees, by version.
-        self._pinned_boosters = dict(pinned_boosters or {})
+        self._pinned_models = dict(pinned_models or {})
         self._pinned_scorers = {
-            version: Scorer(booster, None, settings.predict_threads, compiled=False)
-            for version, booster in self._pinned_boosters.items()
+            version: Scorer(model, None, settings.predict_threads, compiled=False)
+            for version, model in self._pinned_models.items()
         }
 
     # -- validation ---------------------------------------------------------------
@@ -284,7 +283,7 @@ class RankingPipeline:
         rules = self.rules_for(query, variant.rules if variant else None)
         pinned_version = variant.model_version if variant else None
         scorer = self._pinned_scorers[pinned_version] if pinned_version else self.scorer
-        booster = self._pinned_boosters[pinned_version] if pinned_version else self.ranker.booster
+        model = self._pinned_models[pinned_version] if pinned_version else self.ranker.model
 
         retrieved = self._candidates.retrieve(
             query.user_id,
@@ -324,7 +323,7 @@ class RankingPipeline:
         lap("rules")
         details = (
             explanations(
-                booster,
+                model,
                 features,
                 outcome.selected,
                 candidates,

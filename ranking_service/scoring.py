@@ -1,4 +1,9 @@
-"""Scoring candidates: LightGBM's own predict, then the same trees compiled to machine code.
+"""Scoring candidates: a prior plus the ranker's trees, predicted by LightGBM, then by the
+same trees compiled to machine code.
+
+The prior (:class:`ScorePrior`, ``ranker_build.prior_feature`` x ``prior_weight``) is where
+the trees start from: training passes it to LightGBM as ``init_score``, so the trees learn
+corrections to it, and every score adds it back.
 
 The ranker's trees are compiled with lleaves (LLVM) in a background thread started by the
 first request, so start-up neither waits for the compiler (15-30 s for 300 trees on a
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,8 @@ import lightgbm as lgb
 import numpy as np
 import numpy.typing as npt
 
+from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES
+from shared.config import RankerBuildSettings
 from shared.logs import event
 
 log = logging.getLogger(__name__)
@@ -33,9 +41,53 @@ PROBE_ROWS = 256
 PROBE_VALUE_RANGE = 30.0
 
 
+@dataclass(frozen=True)
+class ScorePrior:
+    """The score the trees start from: ``weight`` x the feature ``feature``."""
+
+    feature: str
+    weight: float
+
+    @property
+    def column(self) -> int:
+        return FEATURE_INDEX[self.feature]
+
+    def of(self, values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.weight * values[:, self.column].astype(np.float64)
+
+
+def score_prior(settings: RankerBuildSettings) -> ScorePrior | None:
+    """The prior of a ranker trained with ``settings`` (None: trees only)."""
+    if settings.prior_feature is None or settings.prior_weight == 0:
+        return None
+    if settings.prior_feature not in FEATURE_INDEX:
+        raise ValueError(
+            f"ranker_build.prior_feature {settings.prior_feature!r} is not a ranking feature; "
+            f"use one of {', '.join(FEATURE_NAMES)} or null"
+        )
+    return ScorePrior(settings.prior_feature, settings.prior_weight)
+
+
+@dataclass(frozen=True)
+class RankerModel:
+    """A trained ranker: its trees and the prior they correct."""
+
+    booster: lgb.Booster
+    prior: ScorePrior | None = None
+
+    def prior_scores(self, values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        return self.prior.of(values) if self.prior is not None else np.zeros(len(values), np.float64)
+
+    def predict(self, values: npt.NDArray[np.float32], threads: int = 1) -> npt.NDArray[np.float64]:
+        """LightGBM's own predict plus the prior."""
+        trees = np.asarray(self.booster.predict(values, num_threads=threads), dtype=np.float64)
+        return trees + self.prior_scores(values)
+
+
 class Scorer:
-    def __init__(self, booster: lgb.Booster, model_path: Path | None, threads: int, compiled: bool) -> None:
-        self._booster = booster
+    def __init__(self, model: RankerModel, model_path: Path | None, threads: int, compiled: bool) -> None:
+        self._model = model
+        self._booster = model.booster
         self._threads = threads
         self._compiled: Any = None  # lleaves.Model once compiled and checked
         self.ready = threading.Event()  # set once the compile attempt has finished (either way)
@@ -65,8 +117,9 @@ class Scorer:
             self.start_compiling()
         if compiled is not None:
             # lleaves reads float64 rows; LightGBM also compares in double precision.
-            return np.asarray(compiled.predict(values.astype(np.float64), n_jobs=self._threads), dtype=np.float32)
-        return np.asarray(self._booster.predict(values, num_threads=self._threads), dtype=np.float32)
+            trees = np.asarray(compiled.predict(values.astype(np.float64), n_jobs=self._threads), dtype=np.float64)
+            return (trees + self._model.prior_scores(values)).astype(np.float32)
+        return self._model.predict(values, self._threads).astype(np.float32)
 
     def _compile(self, model_path: Path) -> None:
         started = time.perf_counter()

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from ranking_service.artifact import DEFAULT_NAME as RANKER_ARTIFACT
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.capture import CaptureWriter
-from ranking_service.experiments import load_pinned_boosters
+from ranking_service.experiments import load_pinned_models
 from ranking_service.online import OnlineEvent, OnlineStateUnavailable, OnlineUserState, online_user_state
 from ranking_service.pipeline import (
     MAX_ID_CHARS,
@@ -312,7 +312,7 @@ def start_ranking_server(settings: RankingSettings) -> RunningServer:
             retrieval,
             settings,
             online,
-            load_pinned_boosters(settings.artifacts, settings.experiments),
+            load_pinned_models(settings.artifacts, settings.experiments),
         )
 
     served = Reloadable(

@@ -14,8 +14,8 @@ import scipy.sparse as sp
 
 from shared.config import RankerBuildSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
-from shared.evaluation.baselines import ease_weights
 from shared.interactions import SECONDS_PER_DAY, event_weights
+from shared.item_model import fit_item_model
 
 RECENT_WINDOW_DAYS = 7
 
@@ -82,7 +82,7 @@ class ItemStats:
     # (n_items, n_items) sparse: row i holds the items most often touched by the users
     # who touched i, as shrunk cosine similarities (see :func:`co_interactions`).
     co_interactions: sp.csr_matrix
-    # (n_items, n_items) sparse EASE weights (see :func:`item_model`); None or empty: no item
+    # (n_items, n_items) sparse EASE weights (shared/item_model.py); None or empty: no item
     # model (too many items), the item_model_* features are 0.
     item_model: sp.csr_matrix | None = None
 
@@ -125,33 +125,6 @@ def co_interactions(events: Events, n_items: int, settings: RankerBuildSettings)
     )
 
 
-def item_model(events: Events, n_items: int, settings: RankerBuildSettings) -> sp.csr_matrix | None:
-    """EASE item-item weights (the EASE baseline's closed form) on the items with events.
-
-    None when more than ``item_model_max_items`` items have events: the dense inverse would
-    not fit. Row i keeps the ``item_model_neighbours`` largest weights B[i, j]; a user's score
-    for j sums row i over their items i.
-    """
-    active = np.unique(events.item_index)
-    if not len(active) or len(active) > settings.item_model_max_items:
-        return None
-    column = np.zeros(n_items, dtype=np.int64)
-    column[active] = np.arange(len(active))
-    touched = sp.csr_matrix(
-        (np.ones(len(events), np.float32), (events.user_index, column[events.item_index])),
-        shape=(int(events.user_index.max()) + 1, len(active)),
-    )
-    touched.data[:] = 1.0  # repeated events of a pair were summed
-    weights = ease_weights(touched, settings.item_model_lambda, max_items=settings.item_model_max_items)
-    keep = min(settings.item_model_neighbours, len(active) - 1)
-    if keep <= 0:
-        return sp.csr_matrix((n_items, n_items), dtype=np.float32)
-    best = np.argpartition(-weights, keep - 1, axis=1)[:, :keep]
-    values = np.take_along_axis(weights, best, axis=1)
-    rows = np.repeat(active, keep)
-    return sp.csr_matrix((values.ravel(), (rows, active[best.ravel()])), shape=(n_items, n_items), dtype=np.float32)
-
-
 def item_stats(
     events: Events,
     n_items: int,
@@ -181,7 +154,9 @@ def item_stats(
         conversion_rate=conversion.astype(np.float32),
         popular_rows=np.argsort(-popularity, kind="stable").astype(np.int32),
         co_interactions=neighbours if neighbours is not None else co_interactions(past, n_items, settings),
-        item_model=stored_item_model if stored_item_model is not None else item_model(past, n_items, settings),
+        item_model=(
+            stored_item_model if stored_item_model is not None else fit_item_model(past, n_items, settings.item_model)
+        ),
     )
 
 

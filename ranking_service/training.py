@@ -27,18 +27,23 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from ranking_service.artifact import RankerSnapshot, load_ranker_snapshot, write_ranker_artifact
+from ranking_service.artifact import (
+    RankerSnapshot,
+    load_ranker_snapshot,
+    recorded_build_settings,
+    write_ranker_artifact,
+)
 from ranking_service.candidates import CandidateStage
 from ranking_service.capture import EVENTS, IMPRESSIONS, read_records
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.scoring import RankerModel, ScorePrior, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
 from shared.config import RankerBuildSettings, RankingSettings
 from shared.data import Catalog, Dataset, DatasetError, Events, Users
-from shared.evaluation.baselines import EASE_BASELINE, tune
-from shared.evaluation.protocols import split
 from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
+from shared.item_model import tuned_item_model
 from shared.logs import event
 from shared.metrics import mean, ndcg_at_k
 
@@ -185,16 +190,21 @@ def assemble(
     return data
 
 
-def fit_ranker(train: RankingData, settings: RankerBuildSettings) -> tuple[lgb.Booster, dict[str, Any]]:
-    """LambdaMART with early stopping on a validation share of the training requests."""
+def fit_ranker(
+    train: RankingData, settings: RankerBuildSettings, prior: ScorePrior | None
+) -> tuple[RankerModel, dict[str, Any]]:
+    """LambdaMART from ``prior`` (LightGBM's init_score: the trees learn corrections to it),
+    with early stopping on a validation share of the training requests."""
     n_groups = len(train.labels)
     rng = np.random.default_rng(settings.seed)
     is_valid = rng.random(n_groups) < 0.15
 
     def subset(mask: npt.NDArray[np.bool_]) -> lgb.Dataset:
         chosen = np.flatnonzero(mask)
+        values = np.vstack([train.features[i] for i in chosen])
         return lgb.Dataset(
-            np.vstack([train.features[i] for i in chosen]),
+            values,
+            init_score=prior.of(values) if prior is not None else None,
             label=np.concatenate([train.labels[i] for i in chosen]),
             group=[len(train.labels[i]) for i in chosen],
             feature_name=list(FEATURE_NAMES),
@@ -229,14 +239,22 @@ def fit_ranker(train: RankingData, settings: RankerBuildSettings) -> tuple[lgb.B
         valid_names=["validation"],
         callbacks=[lgb.early_stopping(settings.early_stopping_rounds, verbose=False)],
     )
-    return booster, {**params, "best_iteration": booster.best_iteration, "num_trees": settings.num_trees}
+    if booster.best_iteration:  # cut to the best iteration (early stopping)
+        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
+    described = {
+        **params,
+        "best_iteration": booster.best_iteration,
+        "num_trees": settings.num_trees,
+        "prior": {"feature": prior.feature, "weight": prior.weight} if prior is not None else None,
+    }
+    return RankerModel(booster, prior), described
 
 
-def compare_on_holdout(booster: lgb.Booster, holdout: RankingData) -> dict[str, float]:
+def compare_on_holdout(model: RankerModel, holdout: RankingData) -> dict[str, float]:
     """NDCG@10 of the ranker's order and of the retrieval order on the same candidates."""
     ranker_ndcg, retrieval_ndcg = [], []
     for features, labels, all_labels in zip(holdout.features, holdout.labels, holdout.all_labels, strict=True):
-        scores = np.asarray(booster.predict(features, num_iteration=booster.best_iteration or None))
+        scores = model.predict(features)
         ranker_ndcg.append(ndcg_at_k(labels[np.argsort(-scores, kind="stable")], EVAL_K, all_labels))
         retrieval_ndcg.append(ndcg_at_k(labels, EVAL_K, all_labels))  # candidates arrive in retrieval order
     # Requests where retrieval found nothing relevant score 0 for both orders.
@@ -252,38 +270,9 @@ def compare_on_holdout(booster: lgb.Booster, holdout: RankingData) -> dict[str, 
     }
 
 
-def importance_and_trim(booster: lgb.Booster) -> dict[str, float]:
-    """Gain per feature; then the model is cut to its best iteration (early stopping)."""
-    importance = dict(
-        zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True)
-    )
-    if booster.best_iteration:
-        booster.model_from_string(booster.model_to_string(num_iteration=booster.best_iteration))
-    return importance
-
-
-def with_tuned_item_model(history: Dataset, settings: RankerBuildSettings) -> RankerBuildSettings:
-    """The settings with ``item_model_lambda`` tuned as the evaluation tunes its EASE baseline:
-    over the same grid, on a random per-user split of the history (feature) events only."""
-    active = np.unique(history.events.item_index)
-    limit = min(settings.item_model_tune_max_items, settings.item_model_max_items)
-    if not settings.item_model_tune or not len(active) or len(active) > limit:
-        return settings
-    validation = split(history, "random", settings.seed)
-    column = np.full(len(history.catalog), -1, dtype=np.int32)
-    column[active] = np.arange(len(active), dtype=np.int32)
-    users = validation.evaluated_users
-    if not len(users):
-        return settings
-    tuned = tune(
-        EASE_BASELINE,
-        validation.train_matrix()[:, active].tocsr(),
-        [column[items] for items in validation.test_items],
-        users,
-        EVAL_K,
-    )
-    event(log, "item model tuned", l2=tuned.params["l2"], validation_ndcg=round(tuned.validation_ndcg, 4))
-    return settings.model_copy(update={"item_model_lambda": float(tuned.params["l2"])})
+def importance(booster: lgb.Booster) -> dict[str, float]:
+    """Gain per feature."""
+    return dict(zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True))
 
 
 def train_ranker_artifact(
@@ -309,7 +298,8 @@ def train_ranker_artifact(
         history_events if settings.label_split == "random" and cutoff is None else dataset.events,
         dataset.users.user_ids,
     )
-    settings = with_tuned_item_model(replace(dataset, events=history_events), settings)
+    item_model = tuned_item_model(replace(dataset, events=history_events), settings.item_model, settings.seed)
+    settings = settings.model_copy(update={"item_model": item_model})
     stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, settings)
     # Training must see real retrieval answers: a silent popular-items fallback would poison it.
     serving_for_training = serving.model_copy(update={"candidates": settings.candidates, "fallback_to_popular": False})
@@ -339,14 +329,13 @@ def train_ranker_artifact(
             f"only {len(train.labels)} training requests have a relevant candidate; "
             "the dataset is too small or the label window too short"
         )
-    booster, lgb_params = fit_ranker(train, settings)
+    model, lgb_params = fit_ranker(train, settings, score_prior(settings))
     metrics: dict[str, Any] = {
         "train_requests": train.requests,
         "train_requests_with_relevant_candidate": train.with_relevant_candidate,
-        **compare_on_holdout(booster, holdout),
+        **compare_on_holdout(model, holdout),
         "train_seconds": round(time.perf_counter() - started, 2),
     }
-    importance = importance_and_trim(booster)
     snapshot_at = int(dataset.events.timestamp.max()) + 1
     params = {
         "dataset": dataset.name,
@@ -354,9 +343,9 @@ def train_ranker_artifact(
         "label_events": int(labels_mask.sum()),
         "ranker_build": settings.model_dump(),
         "lightgbm": lgb_params,
-        "feature_importance_gain": importance,
+        "feature_importance_gain": importance(model.booster),
     }
-    return write_ranker_artifact(root, booster, items, dataset, snapshot_at, params, metrics)
+    return write_ranker_artifact(root, model.booster, items, dataset, snapshot_at, params, metrics)
 
 
 # -- training from captured logs (vitrine train-ranker --from-logs) -----------------------------
@@ -519,15 +508,15 @@ def train_ranker_from_logs(
         train_requests=train.requests,
         labelled=train.with_relevant_candidate,
     )
-    booster, lgb_params = fit_ranker(train, settings)
+    snapshot = load_ranker_snapshot(root, version=base_version)
+    # The new ranker keeps the base's build settings (they are recorded with it), so also its prior.
+    model, lgb_params = fit_ranker(train, settings, score_prior(recorded_build_settings(snapshot.params, root)))
     metrics: dict[str, Any] = {
         "train_requests": train.requests,
         "train_requests_with_relevant_candidate": train.with_relevant_candidate,
-        **compare_on_holdout(booster, holdout),
+        **compare_on_holdout(model, holdout),
         "train_seconds": 0.0,
     }
-    importance = importance_and_trim(booster)
-    snapshot = load_ranker_snapshot(root, version=base_version)
     dataset, snapshot_at = snapshot_with_logged_events(snapshot, events)
     metrics["train_seconds"] = round(time.perf_counter() - started, 2)
     params = {
@@ -542,6 +531,6 @@ def train_ranker_from_logs(
         "ranker_build": snapshot.params.get("ranker_build"),
         "from_logs_settings": settings.model_dump(),
         "lightgbm": lgb_params,
-        "feature_importance_gain": importance,
+        "feature_importance_gain": importance(model.booster),
     }
-    return write_ranker_artifact(root, booster, snapshot.items, dataset, snapshot_at, params, metrics)
+    return write_ranker_artifact(root, model.booster, snapshot.items, dataset, snapshot_at, params, metrics)

@@ -166,6 +166,8 @@ def build_index_artifacts(
         "collaborative_dim": int(collaborative.item_factors.shape[1]),
         "build": settings.model_dump(),
         "collaborative_tuning": tuning.describe() if tuning else None,
+        # The item_model source's L2 (tuned at build), None: no item model (too many items).
+        "item_model_l2": source_tables.item_model_l2,
         **(extra_params or {}),
     }
     artifacts = []

@@ -5,9 +5,10 @@ index artifact as ``.npy`` arrays (manifest checksums, no pickle).
   ``category_names.npy`` / ``brand_names.npy``), price, stock, popularity;
 * ``item_trending.npy``: interactions decayed with ``trending_half_life_days`` (the trending
   sources);
-* co-visitation (``covisitation_*.npy``): per anchor item (by id, so a shard can hold the
-  neighbours of an item another shard holds), its top co-visited items of this artifact as
-  CSR arrays;
+* neighbour tables, per anchor item (by id, so a shard can hold the neighbours of an item
+  another shard holds) its neighbours among this artifact's items as CSR arrays:
+  co-visitation (``covisitation_*.npy``) and the EASE item model (``item_model_*.npy``,
+  shared/item_model.py);
 * users' recent items (``user_history_*.npy``), row-aligned with ``user_ids.npy``: the anchors
   of a ``user_id`` query.
 
@@ -29,8 +30,11 @@ from shared.artifacts import Artifact, ArtifactWriter
 from shared.config import CovisitationSettings, IndexBuildSettings
 from shared.data import Dataset, Events
 from shared.interactions import recency_weights
+from shared.item_model import fit_item_model, tuned_item_model
 
 ATTRIBUTE_FILES = ("item_categories.npy", "item_brands.npy", "item_prices.npy", "item_stock.npy")
+COVISITATION, ITEM_MODEL = "covisitation", "item_model"
+NEIGHBOUR_TABLES = (COVISITATION, ITEM_MODEL)
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,42 @@ class GlobalTables:
     brand_names: npt.NDArray[np.str_]
     trending: npt.NDArray[np.float32]
     covisitation: sp.csr_matrix
+    # EASE weights (empty: too many items for an item model) and the L2 they were fitted with.
+    item_model: sp.csr_matrix
+    item_model_l2: float | None
     # Per user: recent item rows and their recency x intent weights (CSR by user).
     history_indptr: npt.NDArray[np.int64]
     history_rows: npt.NDArray[np.int32]
     history_weights: npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class NeighbourTable:
+    """Per anchor item id, its neighbours among the artifact's rows and their scores, best
+    first (CSR over anchors)."""
+
+    anchor_ids: npt.NDArray[np.str_]
+    indptr: npt.NDArray[np.int64]
+    neighbours: npt.NDArray[np.int32]
+    scores: npt.NDArray[np.float32]
+    # Derived at load.
+    anchor_row: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return len(self.anchor_ids) > 0
+
+    def of(self, anchor_id: str) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """Local rows next to ``anchor_id`` and their scores (best first)."""
+        row = self.anchor_row.get(anchor_id)
+        if row is None:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        start, end = int(self.indptr[row]), int(self.indptr[row + 1])
+        return self.neighbours[start:end], self.scores[start:end]
+
+
+EMPTY_NEIGHBOURS = NeighbourTable(
+    np.zeros(0, np.str_), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+)
 
 
 @dataclass(frozen=True)
@@ -61,15 +97,12 @@ class SourceTables:
     stock: npt.NDArray[np.int64]
     popularity: npt.NDArray[np.float32]
     trending: npt.NDArray[np.float32]
-    covisitation_anchor_ids: npt.NDArray[np.str_]
-    covisitation_indptr: npt.NDArray[np.int64]
-    covisitation_neighbours: npt.NDArray[np.int32]
-    covisitation_scores: npt.NDArray[np.float32]
+    covisitation: NeighbourTable
+    item_model: NeighbourTable
     user_history_indptr: npt.NDArray[np.int64]
     user_history_items: npt.NDArray[np.str_]
     user_history_weights: npt.NDArray[np.float32]
     # Derived at load.
-    covisitation_anchor_row: dict[str, int] = field(default_factory=dict)
     category_code: dict[str, int] = field(default_factory=dict)
     brand_code: dict[str, int] = field(default_factory=dict)
     # Rows by trending score, best first; and per category code the slice of that order.
@@ -109,18 +142,6 @@ class SourceTables:
             # New categories have no trending items yet: empty slices.
             category_bounds=np.concatenate([self.category_bounds, np.full(added, self.category_bounds[-1])]),
         )
-
-    @property
-    def has_covisitation(self) -> bool:
-        return len(self.covisitation_anchor_ids) > 0
-
-    def covisited(self, anchor_id: str) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-        """Local rows co-visited with ``anchor_id`` and their scores (best first)."""
-        row = self.covisitation_anchor_row.get(anchor_id)
-        if row is None:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        start, end = int(self.covisitation_indptr[row]), int(self.covisitation_indptr[row + 1])
-        return self.covisitation_neighbours[start:end], self.covisitation_scores[start:end]
 
     def user_history(self, user_row: int) -> tuple[list[str], npt.NDArray[np.float32]]:
         if user_row + 1 >= len(self.user_history_indptr):
@@ -200,6 +221,8 @@ def global_tables(dataset: Dataset, events: Events, cutoff: int, settings: Index
     category_codes, category_names = _codes(catalog.categories)
     brand_codes, brand_names = _codes(catalog.brands)
     indptr, rows, weights = recent_items(events, len(dataset.users), cutoff, settings)
+    item_model_settings = tuned_item_model(replace(dataset, events=events), settings.item_model, settings.seed)
+    item_model = fit_item_model(events, len(catalog), item_model_settings)
     return GlobalTables(
         category_codes=category_codes,
         category_names=category_names,
@@ -207,6 +230,8 @@ def global_tables(dataset: Dataset, events: Events, cutoff: int, settings: Index
         brand_names=brand_names,
         trending=decayed_counts(events, len(catalog), cutoff, settings.trending_half_life_days),
         covisitation=covisitation_matrix(events, len(catalog), cutoff, settings.covisitation),
+        item_model=item_model if item_model is not None else sp.csr_matrix((len(catalog), len(catalog)), np.float32),
+        item_model_l2=item_model_settings.l2 if item_model is not None else None,
         history_indptr=indptr,
         history_rows=rows,
         history_weights=weights,
@@ -244,22 +269,8 @@ def write_shard_tables(
     writer.save_array("item_popularity.npy", popularity[item_rows].astype(np.float32))
     writer.save_array("item_trending.npy", tables.trending[item_rows])
 
-    # Co-visitation: keep the neighbours this shard holds, for every anchor that has some.
-    covisitation = tables.covisitation.tocoo()
-    in_shard = local_row[covisitation.col] >= 0
-    kept = sp.csr_matrix(
-        (covisitation.data[in_shard], (covisitation.row[in_shard], local_row[covisitation.col[in_shard]])),
-        shape=(n_items, len(item_rows)),
-    )
-    kept = top_per_row(kept, max(int(np.diff(tables.covisitation.indptr).max(initial=0)), 1))
-    anchors = np.flatnonzero(np.diff(kept.indptr) > 0)
-    lengths = np.diff(kept.indptr)[anchors]
-    starts = kept.indptr[anchors]
-    take = _ranges(starts, lengths)
-    writer.save_array("covisitation_anchor_ids.npy", catalog.item_ids[anchors])
-    writer.save_array("covisitation_indptr.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    writer.save_array("covisitation_neighbours.npy", kept.indices[take].astype(np.int32))
-    writer.save_array("covisitation_scores.npy", kept.data[take].astype(np.float32))
+    for name in NEIGHBOUR_TABLES:
+        _write_neighbour_table(writer, name, getattr(tables, name), local_row, catalog.item_ids)
 
     # Recent items of this shard's users, as ids (they may live on other shards).
     lengths = np.diff(tables.history_indptr)[user_rows]
@@ -268,6 +279,56 @@ def write_shard_tables(
     writer.save_array("user_history_indptr.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     writer.save_array("user_history_items.npy", catalog.item_ids[tables.history_rows[take]])
     writer.save_array("user_history_weights.npy", tables.history_weights[take])
+
+
+def _write_neighbour_table(
+    writer: ArtifactWriter,
+    name: str,
+    matrix: sp.csr_matrix,
+    local_row: npt.NDArray[np.int64],
+    item_ids: npt.NDArray[np.str_],
+) -> None:
+    """Keep the neighbours this shard holds (``local_row`` >= 0), for every anchor that has
+    some, each anchor's best first."""
+    whole = matrix.tocoo()
+    in_shard = local_row[whole.col] >= 0
+    kept = sp.csr_matrix(
+        (whole.data[in_shard], (whole.row[in_shard], local_row[whole.col[in_shard]])),
+        shape=(matrix.shape[0], int((local_row >= 0).sum())),
+    )
+    kept = top_per_row(kept, max(int(np.diff(matrix.indptr).max(initial=0)), 1))
+    anchors = np.flatnonzero(np.diff(kept.indptr) > 0)
+    lengths = np.diff(kept.indptr)[anchors]
+    take = _ranges(kept.indptr[anchors], lengths)
+    writer.save_array(f"{name}_anchor_ids.npy", item_ids[anchors])
+    writer.save_array(f"{name}_indptr.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    writer.save_array(f"{name}_neighbours.npy", kept.indices[take].astype(np.int32))
+    writer.save_array(f"{name}_scores.npy", kept.data[take].astype(np.float32))
+
+
+def _load_neighbour_table(artifact: Artifact, name: str, n_items: int) -> NeighbourTable:
+    """A stored neighbour table, after a structural check; empty when the artifact has none."""
+    if f"{name}_anchor_ids.npy" not in artifact.manifest["files"]:
+        return EMPTY_NEIGHBOURS
+    anchor_ids, indptr, neighbours, scores = (
+        artifact.load_array(f"{name}_{part}.npy") for part in ("anchor_ids", "indptr", "neighbours", "scores")
+    )
+    if (
+        len(indptr) != len(anchor_ids) + 1
+        or int(indptr[0]) != 0
+        or int(indptr[-1]) != len(neighbours)
+        or len(scores) != len(neighbours)
+        or np.any(np.diff(indptr) < 0)
+        or (len(neighbours) and (int(neighbours.min()) < 0 or int(neighbours.max()) >= n_items))
+    ):
+        raise ValueError(f"{name} table does not fit the {n_items} items of the index")
+    return NeighbourTable(
+        anchor_ids,
+        indptr,
+        neighbours,
+        scores,
+        anchor_row={item: row for row, item in enumerate(anchor_ids.tolist())},
+    )
 
 
 def _optional(artifact: Artifact, name: str, empty: npt.NDArray[Any], expected: int | None = None) -> npt.NDArray[Any]:
@@ -301,10 +362,8 @@ def load_source_tables(artifact: Artifact, n_items: int, n_users: int) -> Source
         stock=per_item("item_stock.npy", np.int64, 1),
         popularity=per_item("item_popularity.npy", np.float32, 0.0),
         trending=trending,
-        covisitation_anchor_ids=_optional(artifact, "covisitation_anchor_ids.npy", strings),
-        covisitation_indptr=_optional(artifact, "covisitation_indptr.npy", np.zeros(1, np.int64)),
-        covisitation_neighbours=_optional(artifact, "covisitation_neighbours.npy", np.zeros(0, np.int32)),
-        covisitation_scores=_optional(artifact, "covisitation_scores.npy", np.zeros(0, np.float32)),
+        covisitation=_load_neighbour_table(artifact, COVISITATION, n_items),
+        item_model=_load_neighbour_table(artifact, ITEM_MODEL, n_items),
         user_history_indptr=user_indptr,
         user_history_items=_optional(artifact, "user_history_items.npy", strings),
         user_history_weights=_optional(artifact, "user_history_weights.npy", np.zeros(0, np.float32)),
@@ -314,7 +373,6 @@ def load_source_tables(artifact: Artifact, n_items: int, n_users: int) -> Source
     bounds = np.searchsorted(tables.category_codes[by_category], np.arange(len(tables.category_names) + 1))
     return replace(
         tables,
-        covisitation_anchor_row={item: row for row, item in enumerate(tables.covisitation_anchor_ids.tolist())},
         category_code={name: code for code, name in enumerate(tables.category_names.tolist())},
         brand_code={name: code for code, name in enumerate(tables.brand_names.tolist())},
         trending_order=trending_order,

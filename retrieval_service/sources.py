@@ -13,6 +13,7 @@ Sources (names as in ``retrieval.sources`` and ``RetrieveRequest.mix``):
 ``content``        ANN with the text half of the query only (the collaborative half zeroed)
 ``collaborative``  ANN with the collaborative half only
 ``covisitation``   items co-visited in sessions with the anchors, scores summed with weights
+``item_model``     EASE: the item model's weights summed over the anchors (each counts once)
 ``trending``       time-decayed popularity with a short half-life
 ``trending_category``  trending items of the anchors' categories, weighted by their share
 ``popular``        popularity (the answer for a query with no vector and no anchors)
@@ -20,7 +21,7 @@ Sources (names as in ``retrieval.sources`` and ``RetrieveRequest.mix``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,11 +29,21 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval_service.artifact import LoadedIndex
+from retrieval_service.source_tables import COVISITATION, ITEM_MODEL, NeighbourTable, SourceTables
 from retrieval_service.vectors import unit_halves
 
 FUSED, CONTENT, COLLABORATIVE = "fused", "content", "collaborative"
-COVISITATION, TRENDING, TRENDING_CATEGORY, POPULAR = "covisitation", "trending", "trending_category", "popular"
-SOURCE_NAMES: tuple[str, ...] = (FUSED, CONTENT, COLLABORATIVE, COVISITATION, TRENDING, TRENDING_CATEGORY, POPULAR)
+TRENDING, TRENDING_CATEGORY, POPULAR = "trending", "trending_category", "popular"
+SOURCE_NAMES: tuple[str, ...] = (
+    FUSED,
+    CONTENT,
+    COLLABORATIVE,
+    COVISITATION,
+    ITEM_MODEL,
+    TRENDING,
+    TRENDING_CATEGORY,
+    POPULAR,
+)
 # The tag a candidate carries for a source (the fused ANN keeps its historical name).
 TAG = {name: ("ann" if name == FUSED else name) for name in SOURCE_NAMES}
 MAX_ANCHORS = 3
@@ -113,21 +124,34 @@ def _top(rows: npt.NDArray[np.int64], scores: npt.NDArray[np.float64], n: int) -
     return order[:n]
 
 
-class CovisitationSource:
-    def __init__(self, loaded: LoadedIndex) -> None:
-        self.name = COVISITATION
+class NeighbourSource:
+    """Items next to the anchors in a neighbour table (co-visitation, the item model), their
+    scores summed over the anchors.
+
+    ``weighted``: each anchor's scores count with its weight (co-visitation: recent and
+    purchased items lead). Otherwise every anchor with a positive weight counts once: the item
+    model's weights were fitted on a binary user x item matrix, and recency weights (14-day
+    half-life) cost its NDCG@10 0.482 -> 0.433 on MovieLens 100K (random split).
+    """
+
+    def __init__(
+        self, name: str, loaded: LoadedIndex, table: Callable[[SourceTables], NeighbourTable], weighted: bool
+    ) -> None:
+        self.name = name
         self._loaded = loaded
+        self._table = table
+        self._weighted = weighted
 
     def propose(self, query: SourceQuery, n: int) -> SourceAnswer:
-        tables = self._loaded.sources
-        if not tables.has_covisitation or not len(query.anchor_ids):
+        table = self._table(self._loaded.sources)
+        if not table or not len(query.anchor_ids):
             return EMPTY
         rows_parts, score_parts, anchor_parts = [], [], []
         for position, (anchor, weight) in enumerate(zip(query.anchor_ids, query.anchor_weights.tolist(), strict=True)):
-            neighbours, scores = tables.covisited(anchor)
+            neighbours, scores = table.of(anchor)
             if len(neighbours) and weight > 0:
                 rows_parts.append(neighbours.astype(np.int64))
-                score_parts.append(scores.astype(np.float64) * weight)
+                score_parts.append(scores.astype(np.float64) * (weight if self._weighted else 1.0))
                 anchor_parts.append(np.full(len(neighbours), position, np.int64))
         if not rows_parts:
             return EMPTY
@@ -220,7 +244,8 @@ def make_sources(loaded: LoadedIndex) -> dict[str, CandidateSourceComponent]:
         FUSED: AnnSource(FUSED, loaded),
         CONTENT: AnnSource(CONTENT, loaded),
         COLLABORATIVE: AnnSource(COLLABORATIVE, loaded),
-        COVISITATION: CovisitationSource(loaded),
+        COVISITATION: NeighbourSource(COVISITATION, loaded, lambda tables: tables.covisitation, weighted=True),
+        ITEM_MODEL: NeighbourSource(ITEM_MODEL, loaded, lambda tables: tables.item_model, weighted=False),
         TRENDING: TrendingSource(loaded),
         TRENDING_CATEGORY: TrendingCategorySource(loaded),
         POPULAR: PopularSource(loaded),

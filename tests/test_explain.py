@@ -6,13 +6,15 @@ import time
 
 import lightgbm as lgb
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from ranking_service.artifact import load_ranker_artifact
-from ranking_service.explain import FEATURE_TEXT, anchor_rows, explanations
+from ranking_service.explain import FEATURE_TEXT, Explanation, anchor_rows, explanations
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureMatrix
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
 from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.scoring import RankerModel, ScorePrior
 from ranking_service.store import ItemStats
 from shared.config import RankingSettings, RulesOverrides
 from shared.data import Dataset
@@ -86,6 +88,21 @@ def _stats(n: int = 6) -> ItemStats:
     return ItemStats(0, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), sp.csr_matrix(co))
 
 
+def _explain_first_two(model: RankerModel, values: npt.NDArray[np.float32]) -> list[Explanation]:
+    """Explanations of the first two rows of ``values`` as the candidates 0 and 1."""
+    candidates = CandidateSet(
+        rows=np.asarray([0, 1], np.int32),
+        retrieval_scores=np.ones(2, np.float32),
+        content_scores=np.zeros(2, np.float32),
+        collaborative_scores=np.zeros(2, np.float32),
+        from_popular=False,
+    )
+    features = FeatureMatrix(values[:2], np.full(2, -1, np.int32), np.zeros(2, np.int8))
+    return explanations(
+        model, features, np.asarray([0, 1]), candidates, np.zeros(0, np.int32), tiny_item_table(), _stats()
+    )
+
+
 def test_contributions_are_the_largest_pred_contrib_in_words() -> None:
     rng = np.random.default_rng(3)
     values = rng.normal(size=(400, len(FEATURE_NAMES))).astype(np.float32)
@@ -96,17 +113,7 @@ def test_contributions_are_the_largest_pred_contrib_in_words() -> None:
         lgb.Dataset(values, labels),
         num_boost_round=20,
     )
-    candidates = CandidateSet(
-        rows=np.asarray([0, 1], np.int32),
-        retrieval_scores=np.ones(2, np.float32),
-        content_scores=np.zeros(2, np.float32),
-        collaborative_scores=np.zeros(2, np.float32),
-        from_popular=False,
-    )
-    features = FeatureMatrix(values[:2], np.full(2, -1, np.int32), np.zeros(2, np.int8))
-    result = explanations(
-        booster, features, np.asarray([0, 1]), candidates, np.zeros(0, np.int32), tiny_item_table(), _stats()
-    )
+    result = _explain_first_two(RankerModel(booster), values)
     full = np.asarray(booster.predict(values[:2], pred_contrib=True))
     for line, explanation in enumerate(result):
         top = explanation.contributions[0]
@@ -114,6 +121,26 @@ def test_contributions_are_the_largest_pred_contrib_in_words() -> None:
         assert top.contribution == pytest.approx(full[line, brand])
         up, down = FEATURE_TEXT["user_brand_affinity"]
         assert top.text == (up if top.contribution > 0 else down).format(brand="Acme")
+
+
+def test_the_prior_counts_in_its_features_contribution() -> None:
+    """With a prior, contributions still add up to the score: the prior is its feature's."""
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(200, len(FEATURE_NAMES))).astype(np.float32)
+    booster = lgb.train(
+        {"objective": "regression", "verbose": -1, "num_threads": 1, "min_data_in_leaf": 5},
+        lgb.Dataset(values, values[:, FEATURE_INDEX["user_brand_affinity"]]),
+        num_boost_round=10,
+    )
+    model = RankerModel(booster, ScorePrior("item_model_relative", 50.0))
+    result = _explain_first_two(model, values)
+    trees = np.asarray(booster.predict(values[:2], pred_contrib=True))
+    column = FEATURE_INDEX["item_model_relative"]
+    for line, explanation in enumerate(result):
+        named = {c.feature: c.contribution for c in explanation.contributions}
+        expected = trees[line, column] + 50.0 * values[line, column]
+        assert named["item_model_relative"] == pytest.approx(expected)
+        assert explanation.contributions[0].feature == "item_model_relative"  # the largest by far
 
 
 def test_anchors_from_retrieval_else_closest_by_content_and_co_interaction() -> None:

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from shared.config import default_sources
 from shared.data import Dataset
 from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, retrieval_pb2
 from tests.conftest import Servers, users_by_activity
@@ -336,6 +337,9 @@ def _call(method: Callable[..., Response], request: Request) -> Response | None:
         return None
 
 
+DEFAULT_TAGS = {"ann" if entry.source == "fused" else entry.source for entry in default_sources()}
+
+
 def _check_candidates(
     response: retrieval_pb2.RetrieveResponse, n: int, excluded: set[str], catalogue: set[str]
 ) -> list[str]:
@@ -347,7 +351,8 @@ def _check_candidates(
     assert set(ids) <= catalogue, f"unknown ids returned: {set(ids) - catalogue}"
     scores = [candidate.score for candidate in response.candidates]
     assert all(math.isfinite(score) for score in scores), f"non-finite scores: {scores[:10]}"
-    assert {candidate.source for candidate in response.candidates} <= {"ann", "popular"}
+    # The default mix's sources (the fused one is tagged "ann"), or popular items.
+    assert {candidate.source for candidate in response.candidates} <= DEFAULT_TAGS | {"popular"}
     assert response.dimension > 0
     assert response.index_version
     if len(excluded & catalogue) < FEW_EXCLUSIONS:

@@ -13,20 +13,21 @@ from ranking_service.artifact import load_ranker_artifact
 from ranking_service.candidates import CandidateStage
 from ranking_service.features import FEATURE_INDEX, CandidateSet, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.scoring import ScorePrior
 from ranking_service.store import (
     ItemStats,
     UserHistory,
     UserHistoryStore,
-    item_model,
     item_stats,
     item_table,
 )
 from ranking_service.training import assemble, label_mask, replay_requests
 from shared.artifacts import ArtifactError
-from shared.config import RankerBuildSettings, VitrineSettings
+from shared.config import ItemModelSettings, RankerBuildSettings, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.evaluation.baselines import EASE_BASELINE, ease_weights
 from shared.interactions import event_weights
+from shared.item_model import fit_item_model
 from tests.conftest import BuiltArtifacts, Servers
 from tests.fakes import HashingEmbedder
 from tests.ranking_helpers import tiny_item_table
@@ -83,12 +84,11 @@ def test_no_item_model_gives_zero_features() -> None:
             np.testing.assert_array_equal(values, 0.0)
 
 
-def test_item_model_is_the_ease_baseline_kept_to_its_best_weights() -> None:
+def test_item_model_is_the_ease_baseline_kept_to_its_strongest_weights() -> None:
     rng = np.random.default_rng(3)
     users, items = rng.integers(0, 40, 400), rng.integers(0, 12, 400)
     # Catalogue of 20 items, 12 of them with events: the inverse is over those 12 only.
-    settings = RankerBuildSettings(item_model_lambda=5.0, item_model_neighbours=4)
-    model = item_model(_events(users.tolist(), items.tolist()), 20, settings)
+    model = fit_item_model(_events(users.tolist(), items.tolist()), 20, ItemModelSettings(l2=5.0, neighbours=4))
     assert model is not None
     assert model.shape == (20, 20)
     active = np.unique(items)
@@ -99,14 +99,15 @@ def test_item_model_is_the_ease_baseline_kept_to_its_best_weights() -> None:
     assert np.all(np.diff(model.indptr)[active] == 4)
     for row in range(len(active)):
         kept = np.flatnonzero(dense[row])
-        assert set(kept) == set(np.argsort(-full[row])[:4])
+        # Kept by magnitude: negative weights (what the history speaks against) count too.
+        assert set(kept) == set(np.argsort(-np.abs(full[row]))[:4])
         np.testing.assert_allclose(dense[row, kept], full[row, kept], rtol=1e-6)
 
 
 def test_no_item_model_above_the_item_limit() -> None:
     events = _events([0, 0, 1, 1, 2], [0, 1, 1, 2, 3])  # 4 items with events
-    assert item_model(events, 10, RankerBuildSettings(item_model_max_items=3)) is None
-    assert item_model(events, 10, RankerBuildSettings(item_model_max_items=4)) is not None
+    assert fit_item_model(events, 10, ItemModelSettings(max_items=3)) is None
+    assert fit_item_model(events, 10, ItemModelSettings(max_items=4)) is not None
 
 
 def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
@@ -115,13 +116,16 @@ def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
     loaded = load_ranker_artifact(artifacts.root)
     recorded = RankerBuildSettings.model_validate(artifacts.ranker.params["ranker_build"])
     # The build tuned lambda on its feature events over the EASE baseline's grid.
-    assert recorded.item_model_lambda in EASE_BASELINE.grid["l2"]
-    expected = item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), recorded)
+    assert recorded.item_model.l2 in EASE_BASELINE.grid["l2"]
+    expected = fit_item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), recorded.item_model)
     stored = loaded.stats.item_model
     assert expected is not None
     assert stored is not None
     assert stored.nnz == expected.nnz > 0
     assert abs(stored - expected).max() == 0
+    # The trees were trained from the item model's prior, and serving adds it back.
+    assert loaded.model.prior == ScorePrior("item_model_relative", recorded.prior_weight)
+    assert artifacts.ranker.params["lightgbm"]["prior"] == {"feature": "item_model_relative", "weight": 2.0}
 
 
 def test_tampered_item_model_is_refused(artifacts: BuiltArtifacts, tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def test_retrieve_by_user_returns_n_unique_scored_candidates(
     # The configured mix (default: the fused ANN, tagged "ann"); each candidate once.
     primary = {candidate.source for candidate in response.candidates}
     assert "ann" in primary
-    assert primary <= {"ann", "content", "collaborative", "covisitation", "trending", "trending_category"}
+    assert primary <= {"ann", "content", "collaborative", "covisitation", "item_model", "trending", "trending_category"}
     assert response.index_version == artifacts.index.version
     assert response.dimension > 0
     # The text and collaborative parts are both there and add up to the score.

@@ -1,4 +1,5 @@
-"""Compiled ranker trees: same scores as LightGBM, LightGBM until ready or when compiling fails."""
+"""Compiled ranker trees: same scores as LightGBM, LightGBM until ready or when compiling fails;
+the prior is added to the trees' scores by every backend."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+import pytest
 
-from ranking_service.scoring import Scorer
+from ranking_service.features import FEATURE_NAMES
+from ranking_service.scoring import RankerModel, ScorePrior, Scorer, score_prior
+from shared.config import RankerBuildSettings
 
 COMPILE_TIMEOUT_S = 60.0
 
@@ -26,7 +30,7 @@ def _booster(path: Path) -> lgb.Booster:
 
 def test_compiled_trees_reproduce_lightgbm_scores(tmp_path: Path) -> None:
     booster = _booster(tmp_path / "model.txt")
-    scorer = Scorer(booster, tmp_path / "model.txt", threads=1, compiled=True)
+    scorer = Scorer(RankerModel(booster), tmp_path / "model.txt", threads=1, compiled=True)
     values = np.random.default_rng(2).random((500, 5)).astype(np.float32)
     values[:, 4] = np.arange(500) % 7  # includes a category never seen in training
     assert not scorer.ready.is_set()  # nothing compiles before the first request
@@ -42,13 +46,33 @@ def test_lightgbm_answers_when_compiling_is_off_or_fails(tmp_path: Path) -> None
     booster = _booster(tmp_path / "model.txt")
     values = np.random.default_rng(3).random((20, 5)).astype(np.float32)
     expected = np.asarray(booster.predict(values, num_threads=1), dtype=np.float32)
-    off = Scorer(booster, tmp_path / "model.txt", threads=1, compiled=False)
+    off = Scorer(RankerModel(booster), tmp_path / "model.txt", threads=1, compiled=False)
     assert off.ready.is_set()
     assert off.backend == "lightgbm"
     (tmp_path / "broken.txt").write_text("tree\nnot a model\n")
-    broken = Scorer(booster, tmp_path / "broken.txt", threads=1, compiled=True)
+    broken = Scorer(RankerModel(booster), tmp_path / "broken.txt", threads=1, compiled=True)
     broken.start_compiling()
     assert broken.ready.wait(COMPILE_TIMEOUT_S)
     assert broken.backend == "lightgbm"
     np.testing.assert_array_equal(broken.predict(values), expected)
     np.testing.assert_array_equal(off.predict(values), expected)
+
+
+def test_every_backend_adds_the_prior_to_the_trees(tmp_path: Path) -> None:
+    booster = _booster(tmp_path / "model.txt")
+    prior = ScorePrior(FEATURE_NAMES[2], 2.0)  # a column the 5-feature test model has
+    values = np.random.default_rng(4).random((50, 5)).astype(np.float32)
+    expected = np.asarray(booster.predict(values, num_threads=1)) + 2.0 * values[:, 2]
+    compiled = Scorer(RankerModel(booster, prior), tmp_path / "model.txt", threads=1, compiled=True)
+    np.testing.assert_allclose(compiled.predict(values), expected, rtol=1e-6)  # LightGBM meanwhile
+    assert compiled.ready.wait(COMPILE_TIMEOUT_S)
+    assert compiled.backend == "lleaves"
+    np.testing.assert_allclose(compiled.predict(values), expected, rtol=1e-6)
+
+
+def test_prior_from_settings_names_a_feature_or_is_off() -> None:
+    assert score_prior(RankerBuildSettings()) == ScorePrior("item_model_relative", 2.0)
+    assert score_prior(RankerBuildSettings(prior_feature=None)) is None
+    assert score_prior(RankerBuildSettings(prior_weight=0.0)) is None
+    with pytest.raises(ValueError, match="'item_model_scor' is not a ranking feature"):
+        score_prior(RankerBuildSettings(prior_feature="item_model_scor"))

@@ -15,13 +15,15 @@ from retrieval_service.server import start_retrieval_server
 from retrieval_service.source_tables import decayed_counts
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
-from shared.config import RetrievalSettings, SourceShare, VitrineSettings
+from shared.config import ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
 from shared.data import Dataset
+from shared.evaluation.baselines import EASE_BASELINE
+from shared.item_model import fit_item_model
 from shared.proto.vitrine.v1 import catalog_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
 
 TIMEOUT_S = 10
-SOURCES = ("fused", "content", "collaborative", "covisitation", "trending", "trending_category")
+SOURCES = ("fused", "content", "collaborative", "covisitation", "item_model", "trending", "trending_category")
 
 
 def _only(source: str) -> list[retrieval_pb2.SourceQuota]:
@@ -133,6 +135,36 @@ def test_sources_propose_sensible_items(servers: Servers, dataset: Dataset, sett
     )
     expected = dataset.catalog.item_ids[np.argsort(-counts, kind="stable")[:30]].tolist()
     assert {c.item_id for c in trending} == set(expected)
+
+
+def test_item_model_source_is_ease_over_the_history(
+    servers: Servers, artifacts: BuiltArtifacts, dataset: Dataset
+) -> None:
+    """The item_model source proposes the items with the largest sums of the index's EASE
+    weights over the history items, each item counting once whatever its weight."""
+    manifest = open_current(artifacts.root, "index").manifest["params"]
+    assert manifest["item_model_l2"] in EASE_BASELINE.grid["l2"]  # tuned by the build
+    model = fit_item_model(
+        dataset.events.before(manifest["cutoff"]),
+        len(dataset.catalog),
+        ItemModelSettings.model_validate({**manifest["build"]["item_model"], "l2": manifest["item_model_l2"]}),
+    )
+    assert model is not None
+    history = _history(dataset, length=8)
+    row_of = {item: row for row, item in enumerate(dataset.catalog.item_ids.tolist())}
+    history_rows = [row_of[item] for item in history]
+    expected_scores = np.asarray(model[history_rows].sum(axis=0)).ravel()
+    weights = np.linspace(1.0, 0.1, len(history)).tolist()  # ignored by this source
+    answer = _retrieve(
+        servers, history=retrieval_pb2.ItemHistory(item_ids=history, weights=weights), n=30, mix=_only("item_model")
+    )
+    expected = np.lexsort((np.arange(len(expected_scores)), -expected_scores))[:30]
+    assert {c.item_id for c in answer.candidates} == set(dataset.catalog.item_ids[expected].tolist())
+    for candidate in answer.candidates:
+        score = candidate.source_scores[list(candidate.sources).index("item_model")]
+        assert score == pytest.approx(expected_scores[row_of[candidate.item_id]], rel=1e-4, abs=1e-6)
+        assert candidate.anchor_item_ids
+        assert set(candidate.anchor_item_ids) <= set(history)
 
 
 MEASURED_MIX = [
