@@ -360,6 +360,11 @@ class Retriever:
         )
         if vector is None and not len(anchor_ids):
             shares = {POPULAR: 1.0}  # cold start: popular items, whatever the mix
+        # Sources this index cannot feed (no item model, no co-visitation table) would pass
+        # their quota on anyway; dropping them first keeps a fused-only answer on its fast
+        # path (the default mix on a catalogue too large for an item model).
+        available = {name: share for name, share in shares.items() if share > 0 and self._sources[name].available}
+        shares = available or shares
         if vector is not None and [name for name, share in shares.items() if share > 0] == [FUSED]:
             fused = self._fused_only(query, vector, n)
             if fused is not None:

@@ -89,11 +89,18 @@ EMPTY = SourceAnswer(np.zeros(0, np.int64), np.zeros(0, np.float32))
 class CandidateSourceComponent(Protocol):
     name: str
 
+    @property
+    def available(self) -> bool:
+        """False when this index lacks what the source needs (it would answer nothing)."""
+        ...
+
     def propose(self, query: SourceQuery, n: int) -> SourceAnswer: ...
 
 
 class AnnSource:
     """ANN over the index with the whole query (fused) or one half of it."""
+
+    available = True
 
     def __init__(self, name: str, loaded: LoadedIndex) -> None:
         self.name = name
@@ -142,6 +149,10 @@ class NeighbourSource:
         self._table = table
         self._weighted = weighted
 
+    @property
+    def available(self) -> bool:
+        return bool(self._table(self._loaded.sources))
+
     def propose(self, query: SourceQuery, n: int) -> SourceAnswer:
         table = self._table(self._loaded.sources)
         if not table or not len(query.anchor_ids):
@@ -174,6 +185,8 @@ class NeighbourSource:
 
 
 class TrendingSource:
+    available = True
+
     def __init__(self, loaded: LoadedIndex) -> None:
         self.name = TRENDING
         self._loaded = loaded
@@ -189,6 +202,8 @@ class TrendingSource:
 
 
 class TrendingCategorySource:
+    available = True
+
     def __init__(self, loaded: LoadedIndex) -> None:
         self.name = TRENDING_CATEGORY
         self._loaded = loaded
@@ -225,6 +240,8 @@ class TrendingCategorySource:
 
 
 class PopularSource:
+    available = True
+
     def __init__(self, loaded: LoadedIndex) -> None:
         self.name = POPULAR
         self._loaded = loaded

@@ -4,6 +4,7 @@ the real retrieval and ranking servers on loopback (generated data)."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from ranking_service.retrieval_client import RetrievalOptions, ShardedRetrievalClient
+from retrieval_service.artifact import load_index_artifact
+from retrieval_service.retriever import Retriever
 from retrieval_service.server import start_retrieval_server
-from retrieval_service.source_tables import decayed_counts
+from retrieval_service.source_tables import EMPTY_NEIGHBOURS, decayed_counts
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
 from shared.config import ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
@@ -165,6 +168,28 @@ def test_item_model_source_is_ease_over_the_history(
         assert score == pytest.approx(expected_scores[row_of[candidate.item_id]], rel=1e-4, abs=1e-6)
         assert candidate.anchor_item_ids
         assert set(candidate.anchor_item_ids) <= set(history)
+
+
+def test_default_mix_without_an_item_model_is_the_fused_answer(
+    artifacts: BuiltArtifacts, dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index without an item model (too many items for one) answers the default mix
+    exactly as the fused source alone, on the fused-only path (no quota merge)."""
+    loaded = load_index_artifact(artifacts.root)
+    loaded.tables = replace(loaded.sources, item_model=EMPTY_NEIGHBOURS)
+    default = Retriever(loaded, max_candidates=500, max_exclusions=100)
+    fused_only = Retriever(loaded, max_candidates=500, max_exclusions=100, mix=[SourceShare(source="fused", share=1.0)])
+    history = _history(dataset)
+
+    def no_merge(*args: object) -> None:
+        raise AssertionError("the quota merge ran")
+
+    monkeypatch.setattr("retrieval_service.retriever.merge", no_merge)
+    ours = default.by_history(history, [], 100, [])
+    expected = fused_only.by_history(history, [], 100, [])
+    assert ours.item_ids == expected.item_ids
+    assert ours.scores == expected.scores
+    assert {tag for tags in ours.sources for tag in tags} == {"ann"}
 
 
 MEASURED_MIX = [
