@@ -9,7 +9,9 @@ index artifact as ``.npy`` arrays (manifest checksums, no pickle).
   another shard holds) its neighbours among this artifact's items as CSR arrays:
   co-visitation (``covisitation_*.npy``) and the EASE item model (``item_model_*.npy``,
   shared/item_model.py);
-* users' recent items (``user_history_*.npy``), row-aligned with ``user_ids.npy``: the anchors
+* users' recent items (``user_history_*.npy``), row-aligned with ``user_ids.npy``, as int32
+  codes into ``user_history_vocabulary.npy`` (the item ids any history names: ids, since
+  they may live on other shards; codes, since histories repeat items): the anchors
   of a ``user_id`` query.
 
 Artifacts built before these tables load with empty ones: the sources that need them
@@ -100,7 +102,8 @@ class SourceTables:
     covisitation: NeighbourTable
     item_model: NeighbourTable
     user_history_indptr: npt.NDArray[np.int64]
-    user_history_items: npt.NDArray[np.str_]
+    user_history_vocabulary: npt.NDArray[np.str_]
+    user_history_codes: npt.NDArray[np.int32]
     user_history_weights: npt.NDArray[np.float32]
     # Derived at load.
     category_code: dict[str, int] = field(default_factory=dict)
@@ -147,7 +150,8 @@ class SourceTables:
         if user_row + 1 >= len(self.user_history_indptr):
             return [], np.zeros(0, np.float32)
         start, end = int(self.user_history_indptr[user_row]), int(self.user_history_indptr[user_row + 1])
-        return self.user_history_items[start:end].tolist(), self.user_history_weights[start:end]
+        items: list[str] = self.user_history_vocabulary[self.user_history_codes[start:end]].tolist()
+        return items, self.user_history_weights[start:end]
 
 
 def _codes(values: npt.NDArray[np.str_]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.str_]]:
@@ -205,12 +209,12 @@ def top_per_row(matrix: sp.csr_matrix, keep: int) -> sp.csr_matrix:
 def recent_items(
     events: Events, n_users: int, cutoff: int, settings: IndexBuildSettings
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Each user's last ``history_length`` events, newest first (as the user query uses them)."""
+    """Each user's last ``stored_history_length`` events, newest first."""
     order = np.lexsort((-events.timestamp, events.user_index))
     users = events.user_index[order]
     starts = np.searchsorted(users, np.arange(n_users))
     rank_in_user = np.arange(len(users)) - starts[users]
-    keep = order[rank_in_user < settings.history_length]
+    keep = order[rank_in_user < settings.stored_history_length]
     weights = recency_weights(events.event_code[keep], events.timestamp[keep], cutoff, settings.history_half_life_days)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(events.user_index[keep], minlength=n_users))])
     return indptr.astype(np.int64), events.item_index[keep].astype(np.int32), weights.astype(np.float32)
@@ -277,7 +281,9 @@ def write_shard_tables(
     starts = tables.history_indptr[user_rows]
     take = _ranges(starts, lengths)
     writer.save_array("user_history_indptr.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    writer.save_array("user_history_items.npy", catalog.item_ids[tables.history_rows[take]])
+    history_rows, codes = np.unique(tables.history_rows[take], return_inverse=True)
+    writer.save_array("user_history_vocabulary.npy", catalog.item_ids[history_rows])
+    writer.save_array("user_history_codes.npy", codes.astype(np.int32))
     writer.save_array("user_history_weights.npy", tables.history_weights[take])
 
 
@@ -340,6 +346,20 @@ def _optional(artifact: Artifact, name: str, empty: npt.NDArray[Any], expected: 
     return array
 
 
+def _history_items(artifact: Artifact) -> tuple[npt.NDArray[np.str_], npt.NDArray[np.int32]]:
+    """The users' history items as (vocabulary, codes); artifacts built before the codes
+    stored every id in full (``user_history_items.npy``)."""
+    files = artifact.manifest["files"]
+    if "user_history_codes.npy" in files:
+        vocabulary = artifact.load_array("user_history_vocabulary.npy")
+        codes = artifact.load_array("user_history_codes.npy")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= len(vocabulary)):
+            raise ValueError("user_history_codes.npy names items beyond user_history_vocabulary.npy")
+        return vocabulary, codes
+    items = _optional(artifact, "user_history_items.npy", np.zeros(0, dtype=np.str_))
+    return items, np.arange(len(items), dtype=np.int32)
+
+
 def load_source_tables(artifact: Artifact, n_items: int, n_users: int) -> SourceTables:
     """The tables of an artifact; empty ones for an artifact built before them."""
     has_attributes = all(name in artifact.manifest["files"] for name in ATTRIBUTE_FILES)
@@ -351,6 +371,11 @@ def load_source_tables(artifact: Artifact, n_items: int, n_users: int) -> Source
     category_codes = per_item("item_categories.npy", np.int32, 0) if has_attributes else np.zeros(n_items, np.int32)
     trending = per_item("item_trending.npy", np.float32, 0.0)
     user_indptr = _optional(artifact, "user_history_indptr.npy", np.zeros(1, np.int64))
+    vocabulary, codes = _history_items(artifact)
+    if int(user_indptr[-1]) != len(codes):
+        raise ValueError(
+            f"user_history_indptr.npy ends at {int(user_indptr[-1])}, the histories hold {len(codes)} items"
+        )
     if len(user_indptr) not in (1, n_users + 1):
         raise ValueError(f"user_history_indptr.npy does not match the {n_users} users of the index")
     tables = SourceTables(
@@ -365,7 +390,8 @@ def load_source_tables(artifact: Artifact, n_items: int, n_users: int) -> Source
         covisitation=_load_neighbour_table(artifact, COVISITATION, n_items),
         item_model=_load_neighbour_table(artifact, ITEM_MODEL, n_items),
         user_history_indptr=user_indptr,
-        user_history_items=_optional(artifact, "user_history_items.npy", strings),
+        user_history_vocabulary=vocabulary,
+        user_history_codes=codes,
         user_history_weights=_optional(artifact, "user_history_weights.npy", np.zeros(0, np.float32)),
     )
     trending_order = np.argsort(-tables.trending, kind="stable").astype(np.int64)

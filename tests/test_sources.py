@@ -454,13 +454,34 @@ def test_source_tables_are_checksummed_npy_files(artifacts: BuiltArtifacts) -> N
         "item_brands.npy",
         "item_prices.npy",
         "item_stock.npy",
-        "user_history_items.npy",
+        "user_history_vocabulary.npy",
+        "user_history_codes.npy",
     ):
         assert name in files
         assert files[name]["sha256"]
     neighbours = artifact.load_array("covisitation_neighbours.npy")
     assert neighbours.dtype == np.int32
     assert len(neighbours) > 0
+
+
+def test_stored_histories_are_each_users_newest_items(
+    artifacts: BuiltArtifacts, dataset: Dataset, settings: VitrineSettings
+) -> None:
+    """The anchors of a user_id query: the newest stored_history_length events' items,
+    stored as codes into one vocabulary of ids."""
+    loaded = load_index_artifact(artifacts.root)
+    cutoff = open_current(artifacts.root, "index").manifest["params"]["cutoff"]
+    events = dataset.events.before(cutoff)
+    length = settings.index_build.stored_history_length
+    assert len(loaded.sources.user_history_vocabulary) < len(loaded.sources.user_history_codes)
+    for user_id in users_by_activity(dataset)[:5]:
+        user = dataset.users.index_of()[user_id]
+        mine = np.flatnonzero(events.user_index == user)
+        newest = mine[np.argsort(-events.timestamp[mine], kind="stable")][:length]
+        stored, weights = loaded.sources.user_history(loaded.user_row[user_id])
+        assert len(stored) == len(weights) == min(length, len(mine))
+        # Same items (ties in time may order them differently).
+        assert sorted(stored) == sorted(dataset.catalog.item_ids[events.item_index[newest]].tolist())
 
 
 def test_scatter_gather_client_passes_filter_and_session(servers: Servers, dataset: Dataset) -> None:
