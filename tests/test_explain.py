@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import lightgbm as lgb
 import numpy as np
@@ -88,15 +89,21 @@ def _stats(n: int = 6) -> ItemStats:
     return ItemStats(0, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), sp.csr_matrix(co))
 
 
-def _explain_first_two(model: RankerModel, values: npt.NDArray[np.float32]) -> list[Explanation]:
-    """Explanations of the first two rows of ``values`` as the candidates 0 and 1."""
-    candidates = CandidateSet(
+def _two_candidates(anchor_rows: Sequence[npt.NDArray[np.int32]] = ()) -> CandidateSet:
+    """Candidates 0 and 1 from retrieval, with ``anchor_rows`` when given."""
+    return CandidateSet(
         rows=np.asarray([0, 1], np.int32),
         retrieval_scores=np.ones(2, np.float32),
         content_scores=np.zeros(2, np.float32),
         collaborative_scores=np.zeros(2, np.float32),
         from_popular=False,
+        anchor_rows=anchor_rows,
     )
+
+
+def _explain_first_two(model: RankerModel, values: npt.NDArray[np.float32]) -> list[Explanation]:
+    """Explanations of the first two rows of ``values`` as the candidates 0 and 1."""
+    candidates = _two_candidates()
     features = FeatureMatrix(values[:2], np.full(2, -1, np.int32), np.zeros(2, np.int8))
     return explanations(
         model, features, np.asarray([0, 1]), candidates, np.zeros(0, np.int32), tiny_item_table(), _stats()
@@ -145,15 +152,8 @@ def test_the_prior_counts_in_its_features_contribution() -> None:
 
 def test_anchors_from_retrieval_else_closest_by_content_and_co_interaction() -> None:
     user_rows = np.asarray([3, 4], np.int32)
-    candidates = CandidateSet(
-        rows=np.asarray([0, 1], np.int32),
-        retrieval_scores=np.ones(2, np.float32),
-        content_scores=np.zeros(2, np.float32),
-        collaborative_scores=np.zeros(2, np.float32),
-        from_popular=False,
-        # Retrieval's anchors for candidate 0: item 5 is not the user's, so it is dropped.
-        anchor_rows=(np.asarray([5, 4], np.int32), np.zeros(0, np.int32)),
-    )
+    # Retrieval's anchors for candidate 0: item 5 is not the user's, so it is dropped.
+    candidates = _two_candidates((np.asarray([5, 4], np.int32), np.zeros(0, np.int32)))
     features = FeatureMatrix(
         np.zeros((2, len(FEATURE_NAMES)), np.float32), np.asarray([3, 3], np.int32), np.zeros(2, np.int8)
     )
