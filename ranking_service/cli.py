@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 
 from shared.cli import Command, CommandRegistry, add_label_split_argument, add_server_arguments, server_overrides
@@ -13,9 +14,13 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="artifact root; writes <out>/ranker/<version>/")
     parser.add_argument(
         "--retrieval",
+        action="append",
         default=None,
-        help="HOST:PORT of a retrieval service serving an index built without the label events "
-        "(build-index --without-ranker-labels, or --cutoff); required without --from-logs",
+        metavar="HOST:PORT",
+        help="a retrieval service serving an index built without the label events "
+        "(build-index --without-ranker-labels, or --cutoff); required without --from-logs. The random "
+        "label split has ranker_build.label_draws draws: repeat once per draw, in order, the i-th "
+        "serving the index built with --label-draw i",
     )
     parser.add_argument(
         "--from-logs",
@@ -60,24 +65,31 @@ def _run_train(args: argparse.Namespace) -> int:
     from shared.embeddings import cached_text_embedder
 
     settings = load_settings(ranker_build={"label_split": args.label_split})
+    draws = settings.ranker_build.label_draw_count(args.cutoff)
+    if len(args.retrieval) != draws:
+        raise SystemExit(
+            f"train-ranker: the {settings.ranker_build.label_split!r} label split has {draws} draw(s) "
+            f"(ranker_build.label_draws applies to the random split); give --retrieval once per draw, "
+            f"got {len(args.retrieval)}"
+        )
     dataset = load_dataset(args.data)
     embedder = cached_text_embedder(settings.embedding, args.out / "embedding-cache")
     content = embedder.encode(dataset.catalog.embedding_texts(), show_progress=True)
-    client = RetrievalClient(args.retrieval)
-    try:
-        client.wait_ready(30.0)
+    with ExitStack() as stack:
+        clients = [RetrievalClient(target) for target in args.retrieval]
+        for client in clients:
+            stack.callback(client.close)
+            client.wait_ready(30.0)
         artifact = train_ranker_artifact(
             dataset,
             content,
-            client,
+            clients,
             args.out,
             settings.ranker_build,
             settings.ranking,
             item_table(dataset, content),
             args.cutoff,
         )
-    finally:
-        client.close()
     print(f"ranker {artifact.version}: {artifact.path}  {artifact.metrics}")
     return 0
 

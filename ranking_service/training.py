@@ -15,9 +15,11 @@ the artifact manifest.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.scoring import RankerModel, ScorePrior, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
-from shared.config import RankerBuildSettings, RankingSettings
+from shared.config import ItemModelSettings, RankerBuildSettings, RankingSettings
 from shared.data import Catalog, Dataset, DatasetError, Events, Users
 from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
 from shared.item_model import tuned_item_model
@@ -53,13 +55,18 @@ EVAL_K = 10
 # The replayed request sits after 0..MAX_SESSION_PREFIX events of the returning session.
 MAX_SESSION_PREFIX = 3
 RETRIEVAL_TIMEOUT_S = 10.0
+# Share of the training users whose requests decide early stopping.
+VALIDATION_USERS = 0.15
 
 
-def label_mask(dataset: Dataset, settings: RankerBuildSettings, cutoff: int | None = None) -> npt.NDArray[np.bool_]:
-    """The label events: after ``cutoff`` when given, else as ``settings.label_split`` says."""
+def label_mask(
+    dataset: Dataset, settings: RankerBuildSettings, cutoff: int | None = None, draw: int = 0
+) -> npt.NDArray[np.bool_]:
+    """The label events: after ``cutoff`` when given, else as ``settings.label_split`` says
+    (``draw``: which of the random split's ``label_draws``)."""
     if cutoff is not None:
         return np.asarray(dataset.events.timestamp >= cutoff)
-    return ranker_label_mask(dataset.events, settings.label_split, settings.label_window, settings.seed)
+    return ranker_label_mask(dataset.events, settings.label_split, settings.label_window, settings.seed, draw)
 
 
 @dataclass(frozen=True)
@@ -151,13 +158,32 @@ class RankingData:
     labels: list[npt.NDArray[np.int32]]
     # All of the user's relevance labels (also for items retrieval missed), for ideal DCG.
     all_labels: list[npt.NDArray[np.int32]]
+    # Whose request each group is (label draws repeat a user).
+    user_ids: list[str]
     requests: int = 0
     with_relevant_candidate: int = 0
     relevant_total: int = 0
     relevant_retrieved: int = 0
 
+    @classmethod
+    def empty(cls) -> RankingData:
+        return cls(features=[], labels=[], all_labels=[], user_ids=[])
+
     def stacked(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], list[int]]:
         return np.vstack(self.features), np.concatenate(self.labels), [len(y) for y in self.labels]
+
+    def pooled_with(self, other: RankingData) -> RankingData:
+        """The requests of both (e.g. two label draws), counters summed."""
+        return RankingData(
+            features=self.features + other.features,
+            labels=self.labels + other.labels,
+            all_labels=self.all_labels + other.all_labels,
+            user_ids=self.user_ids + other.user_ids,
+            requests=self.requests + other.requests,
+            with_relevant_candidate=self.with_relevant_candidate + other.with_relevant_candidate,
+            relevant_total=self.relevant_total + other.relevant_total,
+            relevant_retrieved=self.relevant_retrieved + other.relevant_retrieved,
+        )
 
 
 def assemble(
@@ -170,7 +196,7 @@ def assemble(
 ) -> RankingData:
     """Candidates and features of each replayed request; ``exclude_history``: ask retrieval
     to leave out every item of the user's history, not only the purchased ones."""
-    data = RankingData(features=[], labels=[], all_labels=[])
+    data = RankingData.empty()
     nothing_excluded = np.zeros(0, dtype=np.int32)
     for request in tqdm(requests, desc=description, unit="req", mininterval=2.0):
         history = histories.history(request.user_id, before=request.context.timestamp)
@@ -187,17 +213,28 @@ def assemble(
         data.features.append(features.build(history, request.context, retrieved.candidates).values)
         data.labels.append(labels)
         data.all_labels.append(np.asarray(list(request.labels.values()), dtype=np.int32))
+        data.user_ids.append(request.user_id)
     return data
+
+
+def validation_groups(user_ids: Sequence[str], seed: int) -> npt.NDArray[np.bool_]:
+    """Which request groups decide early stopping: every request of a ``VALIDATION_USERS``
+    share of the users (at least one user on each side). By user, not by request: label
+    draws repeat a user, and that user's other draw among the training requests would make
+    the validation score too kind."""
+    users, user_of_group = np.unique(np.asarray(user_ids), return_inverse=True)
+    valid_users = np.random.default_rng(seed).random(len(users)) < VALIDATION_USERS
+    valid_users[0] = valid_users[0] or not valid_users.any()
+    valid_users[-1] = valid_users[-1] and not valid_users.all()
+    return np.asarray(valid_users[user_of_group], dtype=bool)
 
 
 def fit_ranker(
     train: RankingData, settings: RankerBuildSettings, prior: ScorePrior | None
 ) -> tuple[RankerModel, dict[str, Any]]:
     """LambdaMART from ``prior`` (LightGBM's init_score: the trees learn corrections to it),
-    with early stopping on a validation share of the training requests."""
-    n_groups = len(train.labels)
-    rng = np.random.default_rng(settings.seed)
-    is_valid = rng.random(n_groups) < 0.15
+    with early stopping on the requests of a share of the users."""
+    is_valid = validation_groups(train.user_ids, settings.seed)
 
     def subset(mask: npt.NDArray[np.bool_]) -> lgb.Dataset:
         chosen = np.flatnonzero(mask)
@@ -275,18 +312,27 @@ def importance(booster: lgb.Booster) -> dict[str, float]:
     return dict(zip(FEATURE_NAMES, booster.feature_importance(importance_type="gain").round(1).tolist(), strict=True))
 
 
-def train_ranker_artifact(
+@dataclass(frozen=True)
+class ReplayedDraw:
+    train: RankingData
+    # Draw 0 only (empty for later draws): its holdout users' requests.
+    holdout: RankingData
+    item_model: ItemModelSettings
+    label_events: int
+
+
+def _replay_draw(
     dataset: Dataset,
-    content_vectors: npt.NDArray[np.float32],
     retrieval: RetrievalClient,
-    root: Path,
     settings: RankerBuildSettings,
     serving: RankingSettings,
     items: ItemTable,
-    cutoff: int | None = None,
-) -> Artifact:
-    started = time.perf_counter()
-    labels_mask = label_mask(dataset, settings, cutoff)
+    cutoff: int | None,
+    draw: int,
+) -> ReplayedDraw:
+    """Requests, candidates (from ``retrieval``, whose index has not seen this draw's labels)
+    and features of one label draw, with item statistics from its history events only."""
+    labels_mask = label_mask(dataset, settings, cutoff, draw)
     if not labels_mask.any() or labels_mask.all():
         raise ValueError(f"the label split leaves {int(labels_mask.sum())} of {len(labels_mask)} events as labels")
     requests = replay_requests(dataset, labels_mask, settings)
@@ -298,7 +344,11 @@ def train_ranker_artifact(
         history_events if settings.label_split == "random" and cutoff is None else dataset.events,
         dataset.users.user_ids,
     )
-    item_model = tuned_item_model(replace(dataset, events=history_events), settings.item_model, settings.seed)
+    item_model = (
+        tuned_item_model(replace(dataset, events=history_events), settings.item_model, settings.seed)
+        if draw == 0
+        else settings.item_model
+    )
     settings = settings.model_copy(update={"item_model": item_model})
     stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, settings)
     # Training must see real retrieval answers: a silent popular-items fallback would poison it.
@@ -308,6 +358,7 @@ def train_ranker_artifact(
     event(
         log,
         "replaying requests",
+        draw=draw,
         requests=len(requests),
         label_split="cutoff" if cutoff is not None else settings.label_split,
         label_events=int(labels_mask.sum()),
@@ -318,12 +369,51 @@ def train_ranker_artifact(
     # in, those certain negatives made early stopping end the ranker at its first tree on
     # ML-100k (holdout NDCG@10 0.200 -> 0.213 without them; docs/evaluation.md).
     exclude_history = settings.label_split == "random" and cutoff is None
+    suffix = f" (draw {draw})" if draw else ""
     train = assemble(
-        [r for r in requests if not r.holdout], histories, candidate_stage, builder, "train requests", exclude_history
+        [r for r in requests if not r.holdout],
+        histories,
+        candidate_stage,
+        builder,
+        f"train requests{suffix}",
+        exclude_history,
     )
-    holdout = assemble(
-        [r for r in requests if r.holdout], histories, candidate_stage, builder, "holdout requests", exclude_history
+    holdout = (
+        assemble(
+            [r for r in requests if r.holdout], histories, candidate_stage, builder, "holdout requests", exclude_history
+        )
+        if draw == 0
+        else RankingData.empty()
     )
+    return ReplayedDraw(train, holdout, item_model, int(labels_mask.sum()))
+
+
+def train_ranker_artifact(
+    dataset: Dataset,
+    content_vectors: npt.NDArray[np.float32],
+    retrievals: Sequence[RetrievalClient],
+    root: Path,
+    settings: RankerBuildSettings,
+    serving: RankingSettings,
+    items: ItemTable,
+    cutoff: int | None = None,
+) -> Artifact:
+    """Replay every label draw against its own retrieval service (``retrievals[i]`` serves
+    the index built without draw i's labels), fit on the pooled training requests, and
+    compare with the retrieval order on draw 0's holdout users."""
+    started = time.perf_counter()
+    draws = settings.label_draw_count(cutoff)
+    if len(retrievals) != draws:
+        raise ValueError(
+            f"{draws} label draw(s) need as many retrieval services (one per training index), got {len(retrievals)}"
+        )
+    replayed: list[ReplayedDraw] = []
+    for draw, retrieval in enumerate(retrievals):
+        replayed.append(_replay_draw(dataset, retrieval, settings, serving, items, cutoff, draw))
+        # The item model's L2 is tuned on draw 0's history; every later draw fits with it.
+        settings = settings.model_copy(update={"item_model": replayed[0].item_model})
+    train = functools.reduce(RankingData.pooled_with, (one.train for one in replayed))
+    holdout = replayed[0].holdout
     if len(train.labels) < 20:
         raise ValueError(
             f"only {len(train.labels)} training requests have a relevant candidate; "
@@ -340,7 +430,9 @@ def train_ranker_artifact(
     params = {
         "dataset": dataset.name,
         "cutoff": cutoff,
-        "label_events": int(labels_mask.sum()),
+        "label_draws": draws,
+        "label_events": replayed[0].label_events,
+        "label_events_per_draw": [one.label_events for one in replayed],
         "ranker_build": settings.model_dump(),
         "lightgbm": lgb_params,
         "feature_importance_gain": importance(model.booster),
@@ -407,7 +499,7 @@ def logged_requests(
 
 
 def _ranking_data(requests: list[LoggedRequest]) -> RankingData:
-    data = RankingData(features=[], labels=[], all_labels=[])
+    data = RankingData.empty()
     for request in requests:
         data.requests += 1
         relevant = int((request.labels > 0).sum())
@@ -419,6 +511,7 @@ def _ranking_data(requests: list[LoggedRequest]) -> RankingData:
         data.features.append(request.features)
         data.labels.append(request.labels)
         data.all_labels.append(request.labels[request.labels > 0])
+        data.user_ids.append(request.user_id)
     return data
 
 

@@ -21,6 +21,13 @@ def _configure_build(parser: argparse.ArgumentParser) -> None:
     )
     add_label_split_argument(parser)
     parser.add_argument(
+        "--label-draw",
+        type=int,
+        default=0,
+        help="with --without-ranker-labels and the random split: leave out the labels of this draw "
+        "(0 .. ranker_build.label_draws - 1); one training index per draw",
+    )
+    parser.add_argument(
         "--content-weight", type=float, default=None, help="weight of the text half (0: collaborative only)"
     )
     parser.add_argument(
@@ -52,10 +59,17 @@ def _run_build(args: argparse.Namespace) -> int:
             "shards": args.shards,
         },
     )
+    build = settings.ranker_build
+    if args.label_draw and not args.without_ranker_labels:
+        raise SystemExit("build-index: --label-draw needs --without-ranker-labels")
+    if not 0 <= args.label_draw < build.label_draw_count():
+        raise SystemExit(
+            f"build-index: --label-draw {args.label_draw} is out of range: the {build.label_split!r} label split "
+            f"has {build.label_draw_count()} draw(s) (ranker_build.label_draws applies to the random split)"
+        )
     dataset = load_dataset(args.data)
     if args.without_ranker_labels:
-        build = settings.ranker_build
-        labels = ranker_label_mask(dataset.events, build.label_split, build.label_window, build.seed)
+        labels = ranker_label_mask(dataset.events, build.label_split, build.label_window, build.seed, args.label_draw)
         dataset = dataclasses.replace(dataset, events=dataset.events.select(~labels))
     # Catalogue changes made on the serving index (UpsertItems...) are folded in first;
     # the manifest records how far, so the server carries over only what came later.

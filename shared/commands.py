@@ -112,37 +112,50 @@ def run_step(*argv: str) -> None:
         raise RuntimeError(f"vitrine {' '.join(argv)} failed with exit code {code}")
 
 
+def training_index_name(draw: int) -> str:
+    """The training index of label draw ``draw`` (draw 0 keeps the historical name)."""
+    return "index-train" if draw == 0 else f"index-train-draw-{draw}"
+
+
 def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
     """Training index (without the ranker's label events) -> ranker trained against it -> serving index.
 
-    ``label_split`` overrides ``ranker_build.label_split`` for both steps. Only the serving
-    index is split into ``index_build.shards`` shards: the training index lives for one
-    step on this machine, and the merged answers of shards are the whole index's answers,
-    so the ranker learns on what sharded serving returns.
+    ``label_split`` overrides ``ranker_build.label_split`` for both steps. The random split
+    has ``ranker_build.label_draws`` draws: one training index and one retrieval server per
+    draw, all serving while the ranker replays its requests. Only the serving index is split
+    into ``index_build.shards`` shards: a training index lives for one step on this machine,
+    and the merged answers of shards are the whole index's answers, so the ranker learns on
+    what sharded serving returns.
     """
     from shared.config import load_settings
 
-    settings = load_settings()
-    split = label_split or settings.ranker_build.label_split
+    settings = load_settings(ranker_build={"label_split": label_split})
+    split = settings.ranker_build.label_split
+    draws = settings.ranker_build.label_draw_count()
     split_flag = ("--label-split", split)
-    print(f"[1/3] training index without the ranker's label events ({split} split)", flush=True)
-    run_step(
-        "build-index", "--data", str(data), "--out", str(out), "--name", "index-train", "--without-ranker-labels",
-        *split_flag, "--shards", "1",
-    )  # fmt: skip
-    print("[2/3] ranker trained on candidates from a retrieval server over that index", flush=True)
-    run_dir = out / "logs"
-    train_server = vitrine_command(
-        "serve", "retrieval", "--artifacts", str(out), "--index-name", "index-train", "--shard", "0", "--shards", "1"
-    )  # fmt: skip
-    with server_process(
-        train_server,
-        run_dir / "retrieval-train.port",
-        run_dir / "retrieval-train.log",
-    ) as port:
+    names = [training_index_name(draw) for draw in range(draws)]
+    print(f"[1/3] {draws} training index(es) without the ranker's label events ({split} split)", flush=True)
+    for draw, name in enumerate(names):
         run_step(
-            "train-ranker", "--data", str(data), "--out", str(out), "--retrieval", f"127.0.0.1:{port}", *split_flag
-        )
+            "build-index", "--data", str(data), "--out", str(out), "--name", name, "--without-ranker-labels",
+            *split_flag, "--label-draw", str(draw), "--shards", "1",
+        )  # fmt: skip
+    print("[2/3] ranker trained on candidates from retrieval servers over those indexes", flush=True)
+    run_dir = out / "logs"
+    one_shard = ("--shard", "0", "--shards", "1")
+    with contextlib.ExitStack() as servers:
+        ports = [
+            servers.enter_context(
+                server_process(
+                    vitrine_command("serve", "retrieval", "--artifacts", str(out), "--index-name", name, *one_shard),
+                    run_dir / f"retrieval-{name}.port",
+                    run_dir / f"retrieval-{name}.log",
+                )
+            )
+            for name in names
+        ]
+        targets = [flag for port in ports for flag in ("--retrieval", f"127.0.0.1:{port}")]
+        run_step("train-ranker", "--data", str(data), "--out", str(out), *targets, *split_flag)
     shards = settings.index_build.shards
     print(f"[3/3] serving index from all events{f' in {shards} shards' if shards > 1 else ''}", flush=True)
     run_step("build-index", "--data", str(data), "--out", str(out))

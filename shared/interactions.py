@@ -54,14 +54,17 @@ def recency_weights(
     return (event_weights(event_code) * decay).astype(np.float32)
 
 
-def ranker_label_mask(events: Events, split: str, window: float, seed: int = 7) -> npt.NDArray[np.bool_]:
+def ranker_label_mask(events: Events, split: str, window: float, seed: int = 7, draw: int = 0) -> npt.NDArray[np.bool_]:
     """The events a ranker learns to predict; every other event is its history.
 
     ``global``: the events in the last ``window`` of the time range (one cutoff for all).
     ``per_user``: each user's newest ``round(window * n)`` events (at least one, and
     at least one left as history); users with a single event give no label.
-    ``random``: the same number of each user's events, drawn at random (``seed``).
+    ``random``: the same number of each user's events, drawn at random (seed
+    ``seed + draw``: draw i of ``ranker_build.label_draws``). Time splits have one draw.
     """
+    if draw and split != "random":
+        raise ValueError(f"label draw {draw} asked of the {split!r} split; only the random split has several draws")
     if split == "global":
         return np.asarray(events.timestamp >= events.time_at(1.0 - window))
     if split not in ("per_user", "random"):
@@ -69,7 +72,7 @@ def ranker_label_mask(events: Events, split: str, window: float, seed: int = 7) 
     if split == "per_user":
         order = np.lexsort((events.timestamp, events.user_index))
     else:
-        order = np.lexsort((np.random.default_rng(seed).random(len(events)), events.user_index))
+        order = np.lexsort((np.random.default_rng(seed + draw).random(len(events)), events.user_index))
     users = events.user_index[order]
     counts = np.bincount(users)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])

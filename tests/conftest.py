@@ -83,7 +83,7 @@ def artifacts(
         ranker = train_ranker_artifact(
             dataset,
             content,
-            client,
+            [client],
             root,
             settings.ranker_build,
             settings.ranking,

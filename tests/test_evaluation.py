@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from shared.commands import training_index_name
+from shared.config import VitrineSettings
 from shared.data import Dataset
 from shared.datagen import GeneratorConfig, generate
 from shared.evaluation.baselines import ALS, BASELINES, EASE, ItemKNN, MostPopular, top_k, tune
@@ -137,6 +139,19 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
     assert names["vitrine"]["metrics"]["ndcg@10"] > popular, "the full pipeline must beat most-popular here"
     assert names["vitrine"]["metrics"]["hit_rate@10"] > 0.3
     assert results.split["degraded"] == 0
+
+    # The random protocol trains the ranker on label_draws draws, each against its own index.
+    artifacts = tmp_path / "work" / "artifacts"
+    draws = VitrineSettings().ranker_build.label_draws
+    assert draws > 1
+    for draw in range(draws):
+        assert (artifacts / training_index_name(draw) / "CURRENT").is_file()
+    ranker = json.loads(next((artifacts / "ranker").glob("*/manifest.json")).read_text())
+    assert ranker["params"]["label_draws"] == draws
+    per_draw = ranker["params"]["label_events_per_draw"]
+    assert len(per_draw) == draws
+    assert len(set(per_draw)) == 1  # as many labels per user in every draw
+    assert ranker["metrics"]["train_requests"] % draws == 0  # every draw replays the same training users
 
     curve = [written["candidate_recall"][str(n)] for n in CANDIDATE_SIZES]
     assert curve == sorted(curve)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from ranking_service.artifact import load_ranker_artifact
 from ranking_service.store import co_interactions
-from ranking_service.training import label_mask, replay_requests
+from ranking_service.training import label_mask, replay_requests, validation_groups
+from shared.cli import main
 from shared.config import VitrineSettings
 from shared.data import Dataset
 from shared.interactions import ranker_label_mask
@@ -114,3 +117,47 @@ def test_ranker_artifact_stores_the_co_interactions_of_its_snapshot(
     stored = loaded.stats.co_interactions
     assert stored.nnz == expected.nnz > 0
     assert abs(stored - expected).max() == 0
+
+
+def test_random_label_draws_differ_but_label_as_many_events_per_user(dataset: Dataset) -> None:
+    events = dataset.events
+    draws = [ranker_label_mask(events, "random", 0.25, seed=3, draw=draw) for draw in range(3)]
+    assert np.array_equal(draws[0], ranker_label_mask(events, "random", 0.25, seed=3))  # draw 0 is the old split
+    assert np.array_equal(draws[1], ranker_label_mask(events, "random", 0.25, seed=4))  # draw i: seed + i
+    for drawn in draws[1:]:
+        assert not np.array_equal(drawn, draws[0])
+        assert np.array_equal(np.bincount(events.user_index[drawn]), np.bincount(events.user_index[draws[0]]))
+    with pytest.raises(ValueError, match="only the random split has several draws"):
+        ranker_label_mask(events, "global", 0.25, draw=1)
+
+
+def test_only_the_random_split_has_several_draws(settings: VitrineSettings) -> None:
+    build = settings.ranker_build.model_copy(update={"label_split": "random", "label_draws": 3})
+    assert build.label_draw_count() == 3
+    assert build.label_draw_count(cutoff=1_000) == 1  # an explicit cutoff fixes the labels
+    assert build.model_copy(update={"label_split": "global"}).label_draw_count() == 1
+
+
+def test_early_stopping_validates_on_whole_users() -> None:
+    user_ids = [f"u{n % 40}" for n in range(120)]  # three draws of 40 users
+    is_valid = validation_groups(user_ids, seed=7)
+    valid_users = {user for user, valid in zip(user_ids, is_valid, strict=True) if valid}
+    train_users = {user for user, valid in zip(user_ids, is_valid, strict=True) if not valid}
+    assert valid_users
+    assert train_users
+    assert not valid_users & train_users
+    assert np.array_equal(is_valid, validation_groups(user_ids, seed=7))
+    # Tiny data still leaves a request on each side.
+    assert validation_groups(["a", "a", "b"], seed=7).any()
+    assert not validation_groups(["a", "a", "b"], seed=7).all()
+
+
+def test_training_commands_refuse_a_draw_the_split_does_not_have(tmp_path: Path) -> None:
+    """Refused before any data is read."""
+    dataset_dir = tmp_path / "not-read"
+    with pytest.raises(SystemExit, match="--label-draw 1 is out of range"):
+        main(["build-index", "--data", str(dataset_dir), "--out", str(tmp_path), "--without-ranker-labels",
+              "--label-split", "global", "--label-draw", "1"])  # fmt: skip
+    with pytest.raises(SystemExit, match="give --retrieval once per draw, got 1"):
+        main(["train-ranker", "--data", str(dataset_dir), "--out", str(tmp_path), "--label-split", "random",
+              "--retrieval", "127.0.0.1:1"])  # fmt: skip
