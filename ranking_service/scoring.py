@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ log = logging.getLogger(__name__)
 MAX_SCORE_DIFFERENCE = 1e-9
 PROBE_ROWS = 256
 PROBE_VALUE_RANGE = 30.0
+# One compile at a time per process: each takes a core for 10-20 s at a few hundred trees,
+# and hot reloads in quick succession would otherwise run one per superseded model at once
+# (six of them starved the serving threads into retrieval timeouts in a reload-under-load
+# test). A queued compile whose scorer is gone (its model was replaced) is skipped.
+_COMPILE_TURN = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,10 @@ class Scorer:
             if self._started or self._model_path is None:
                 return
             self._started = True
-        threading.Thread(target=self._compile, args=(self._model_path,), name="ranker-compile", daemon=True).start()
+        # The thread holds the scorer weakly, so a replaced model's scorer can go while it waits.
+        threading.Thread(
+            target=_compile_when_its_turn, args=(weakref.ref(self),), name="ranker-compile", daemon=True
+        ).start()
 
     @property
     def backend(self) -> str:
@@ -121,7 +130,12 @@ class Scorer:
             return (trees + self._model.prior_scores(values)).astype(np.float32)
         return self._model.predict(values, self._threads).astype(np.float32)
 
-    def _compile(self, model_path: Path) -> None:
+    def compile_now(self) -> None:
+        """Compile and check the trees in this thread; :attr:`ready` is set at the end."""
+        model_path = self._model_path
+        if model_path is None:  # compiled trees are off for this scorer
+            self.ready.set()
+            return
         started = time.perf_counter()
         try:
             import lleaves
@@ -148,3 +162,12 @@ class Scorer:
             event(log, "compiled ranker unavailable; using LightGBM predict", level=logging.WARNING, error=str(error))
         finally:
             self.ready.set()
+
+
+def _compile_when_its_turn(scorer_ref: weakref.ref[Scorer]) -> None:
+    with _COMPILE_TURN:
+        scorer = scorer_ref()
+        if scorer is None:
+            event(log, "compile skipped: its ranker was replaced before its turn")
+            return
+        scorer.compile_now()

@@ -3,12 +3,16 @@ the prior is added to the trees' scores by every backend."""
 
 from __future__ import annotations
 
+import gc
+import logging
+import time
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
 import pytest
 
+from ranking_service import scoring
 from ranking_service.features import FEATURE_NAMES
 from ranking_service.scoring import RankerModel, ScorePrior, Scorer, score_prior
 from shared.config import RankerBuildSettings
@@ -56,6 +60,32 @@ def test_lightgbm_answers_when_compiling_is_off_or_fails(tmp_path: Path) -> None
     assert broken.backend == "lightgbm"
     np.testing.assert_array_equal(broken.predict(values), expected)
     np.testing.assert_array_equal(off.predict(values), expected)
+
+
+def test_compiles_run_one_at_a_time_and_a_replaced_models_is_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hot reloads in a row must not run one compile per superseded model at once."""
+    caplog.set_level(logging.INFO, logger="ranking_service.scoring")
+    booster = _booster(tmp_path / "model.txt")
+    with scoring._COMPILE_TURN:  # another compile is running: both of these queue
+        replaced = Scorer(RankerModel(booster), tmp_path / "model.txt", threads=1, compiled=True)
+        current = Scorer(RankerModel(booster), tmp_path / "model.txt", threads=1, compiled=True)
+        replaced.start_compiling()
+        current.start_compiling()
+        replaced_ready = replaced.ready
+        del replaced  # its model was swapped out before its turn came
+        gc.collect()
+        time.sleep(0.1)
+        assert not current.ready.is_set()  # still waiting for its turn
+    assert current.ready.wait(COMPILE_TIMEOUT_S)
+    assert current.backend == "lleaves"
+    deadline = time.monotonic() + COMPILE_TIMEOUT_S
+    while "compile skipped" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "compile skipped: its ranker was replaced before its turn" in caplog.text
+    assert not replaced_ready.is_set()  # never compiled
+    assert caplog.text.count("compiled ranker ready") == 1
 
 
 def test_every_backend_adds_the_prior_to_the_trees(tmp_path: Path) -> None:
