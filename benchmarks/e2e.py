@@ -39,7 +39,7 @@ from ranking_service.scoring import score_prior
 from ranking_service.store import UserHistoryStore, item_stats, item_table
 from retrieval_service.artifact import IndexTables, describe_layout, load_index_artifact, write_index_artifact
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
-from retrieval_service.retriever import Candidates, Retriever
+from retrieval_service.retriever import Candidates, QueryOptions, Retriever
 from retrieval_service.server import preferences as declared_preferences
 from retrieval_service.tuning import latency_percentiles, tune_search
 from retrieval_service.vectors import user_queries
@@ -108,12 +108,12 @@ class InProcessRetrieval:
         timeout_s: float,
         options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
-        return self._answer(self._retriever.by_history(item_ids, weights, n, exclude))
+        return self._answer(self._retriever.by_history(item_ids, weights, n, exclude, _query_options(options)))
 
     def by_user(
         self, user_id: str, n: int, exclude: Sequence[str], timeout_s: float, options: RetrievalOptions = NO_OPTIONS
     ) -> RetrievedCandidates:
-        return self._answer(self._retriever.by_user(user_id, n, exclude))
+        return self._answer(self._retriever.by_user(user_id, n, exclude, _query_options(options)))
 
     def by_preferences(
         self,
@@ -123,13 +123,22 @@ class InProcessRetrieval:
         timeout_s: float,
         options: RetrievalOptions = NO_OPTIONS,
     ) -> RetrievedCandidates:
-        return self._answer(self._retriever.by_preferences(declared_preferences(preferences), n, exclude))
+        return self._answer(
+            self._retriever.by_preferences(declared_preferences(preferences), n, exclude, _query_options(options))
+        )
 
     def wait_ready(self, timeout_s: float) -> None:
         return None
 
     def close(self) -> None:
         return None
+
+
+def _query_options(options: RetrievalOptions) -> QueryOptions:
+    """The served request's options as the retriever takes them (the bench sends no filter)."""
+    return QueryOptions(
+        mix=list(options.mix), session_item_ids=list(options.session_item_ids), with_anchors=options.anchors
+    )
 
 
 def _synthetic_labels(

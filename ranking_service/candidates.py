@@ -56,6 +56,8 @@ class CandidateRequest:
     item_filter: catalog_pb2.ItemFilter | None = None
     # (source, share): the candidate mix of the user's experiment variant; empty: retrieval's own.
     mix: tuple[tuple[str, float], ...] = ()
+    # Retrieval's per-candidate anchors; only explanations (explain = true) read them.
+    anchors: bool = True
 
 
 NO_REQUEST = CandidateRequest()
@@ -155,6 +157,7 @@ class CandidateStage:
             item_filter=request.item_filter,
             mix=request.mix,
             session_item_ids=item_ids[context.session_rows].tolist(),
+            anchors=request.anchors,
         )
         retrieved: RetrievedCandidates
         if len(history) or len(context.session_rows):

@@ -295,6 +295,7 @@ class RankingPipeline:
                 query.preferences,
                 query.item_filter,
                 tuple((mix.source, mix.share) for mix in variant.candidate_mix) if variant else (),
+                anchors=query.explain,
             ),
         )
         lap("retrieve")

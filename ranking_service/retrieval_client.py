@@ -88,8 +88,11 @@ class RetrievalOptions:
     # (source, share); empty: the retrieval service's configured mix.
     mix: Sequence[tuple[str, float]] = ()
     session_item_ids: Sequence[str] = field(default_factory=list)
+    # False: the answer leaves out per-candidate anchors (only explanations read them).
+    anchors: bool = True
 
     def apply(self, request: retrieval_pb2.RetrieveRequest) -> retrieval_pb2.RetrieveRequest:
+        request.without_anchors = not self.anchors
         if self.item_filter is not None:
             request.filter.CopyFrom(self.item_filter)
         request.mix.extend(retrieval_pb2.SourceQuota(source=source, share=share) for source, share in self.mix)
@@ -507,6 +510,7 @@ class ShardedRetrievalClient:
                 exclude_item_ids=direct_request.exclude_item_ids,
                 mix=direct_request.mix,
                 session_item_ids=direct_request.session_item_ids,
+                without_anchors=direct_request.without_anchors,
             )
             if direct_request.HasField("filter"):
                 request.filter.CopyFrom(direct_request.filter)

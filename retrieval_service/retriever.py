@@ -98,6 +98,8 @@ class QueryOptions:
     mix: Sequence[tuple[str, float]] = ()
     # Items of the current session, newest first: anchors and part of the query.
     session_item_ids: Sequence[str] = ()
+    # False: no per-candidate anchors (RetrieveRequest.without_anchors).
+    with_anchors: bool = True
 
 
 NO_OPTIONS = QueryOptions()
@@ -344,6 +346,7 @@ class Retriever:
         exclude: npt.NDArray[np.int64],
         mask: npt.NDArray[np.bool_] | None,
         shares: dict[str, float],
+        with_anchors: bool = True,
     ) -> Candidates:
         """Ask every source of ``shares``, merge by quota; order by the query's inner product."""
         # Deleted and replaced items (retired rows) are never an answer, from any source.
@@ -366,7 +369,7 @@ class Retriever:
         available = {name: share for name, share in shares.items() if share > 0 and self._sources[name].available}
         shares = available or shares
         if vector is not None and [name for name, share in shares.items() if share > 0] == [FUSED]:
-            fused = self._fused_only(query, vector, n)
+            fused = self._fused_only(query, vector, n, with_anchors)
             if fused is not None:
                 return fused
         answers = {name: self._sources[name].propose(query, n) for name, share in shares.items() if share > 0}
@@ -382,7 +385,7 @@ class Retriever:
         rows = rows[order]
         pick = order.tolist()
         primary = [merged.primary[i] for i in pick]
-        anchors = [merged.anchors[i] for i in pick]
+        anchors = [merged.anchors[i] for i in pick] if with_anchors else []
         missing = [position for position, found in enumerate(anchors) if not found]
         if missing:
             found_anchors = self._vector_anchors(self._loaded.index.decoded(rows[missing]), anchor_ids, anchor_weights)
@@ -400,7 +403,9 @@ class Retriever:
             anchors,
         )
 
-    def _fused_only(self, query: SourceQuery, vector: npt.NDArray[np.float32], n: int) -> Candidates | None:
+    def _fused_only(
+        self, query: SourceQuery, vector: npt.NDArray[np.float32], n: int, with_anchors: bool
+    ) -> Candidates | None:
         """The default mix, one source: the search's own order and exact scores, and one
         decode of the answer for the score parts and the anchors (no quota merge: at 1M
         items the merge and repeated decoding cost more than the search)."""
@@ -410,7 +415,7 @@ class Retriever:
         items = answer.vectors if answer.vectors is not None else self._loaded.index.decoded(answer.rows)
         tag = TAG[FUSED]
         scores = answer.scores.tolist()
-        anchors = self._vector_anchors(items, query.anchor_ids, query.anchor_weights)
+        anchors = self._vector_anchors(items, query.anchor_ids, query.anchor_weights) if with_anchors else []
         return self._build(
             answer.rows,
             scores,
@@ -450,12 +455,14 @@ class Retriever:
     ) -> Candidates:
         shares = {FUSED: 1.0} if fused_only else self._shares(options.mix)
         mask = self._filter_mask(options.filter)
-        return self._answer(query, anchors[0], anchors[1], n, exclude, mask, shares)
+        return self._answer(query, anchors[0], anchors[1], n, exclude, mask, shares, options.with_anchors)
 
     def popular(self, n: int, exclude_item_ids: Sequence[str], options: QueryOptions = NO_OPTIONS) -> Candidates:
         self._check_n(n)
         mask = self._filter_mask(options.filter)
-        return self._answer(None, (), np.zeros(0), n, self._exclusions(exclude_item_ids), mask, {POPULAR: 1.0})
+        return self._answer(
+            None, (), np.zeros(0), n, self._exclusions(exclude_item_ids), mask, {POPULAR: 1.0}, options.with_anchors
+        )
 
     def _anchored(
         self,
@@ -486,7 +493,9 @@ class Retriever:
             return self.popular(n, exclude_item_ids, options)
         mask = self._filter_mask(options.filter)
         shares = self._shares(options.mix)
-        return self._answer(vector, ids, weight_array, n, self._exclusions(exclude_item_ids), mask, shares)
+        return self._answer(
+            vector, ids, weight_array, n, self._exclusions(exclude_item_ids), mask, shares, options.with_anchors
+        )
 
     def by_user(
         self, user_id: str, n: int, exclude_item_ids: Sequence[str], options: QueryOptions = NO_OPTIONS

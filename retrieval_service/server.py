@@ -234,6 +234,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServicer):
             filter=item_filter(request.filter) if request.HasField("filter") else None,
             mix=[(quota.source, quota.share) for quota in request.mix],
             session_item_ids=list(request.session_item_ids),
+            with_anchors=not request.without_anchors,
         )
         query = request.WhichOneof("query")
         if query == "user_id":

@@ -14,7 +14,7 @@ from ranking_service.artifact import load_ranker_artifact
 from ranking_service.explain import FEATURE_TEXT, Explanation, anchor_rows, explanations
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureMatrix
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
-from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.retrieval_client import NO_OPTIONS, RetrievalClient, RetrievalOptions, RetrievedCandidates
 from ranking_service.scoring import RankerModel, ScorePrior
 from ranking_service.store import ItemStats
 from shared.config import RankingSettings, RulesOverrides
@@ -161,6 +161,44 @@ def test_anchors_from_retrieval_else_closest_by_content_and_co_interaction() -> 
     assert anchor_rows(0, candidates, features, user_rows, together[:, 0]) == (4,)
     # No retrieval anchors: the closest by content (3), then by co-interaction (4).
     assert anchor_rows(1, candidates, features, user_rows, together[:, 1]) == (3, 4)
+
+
+class AnchorRecordingClient(RetrievalClient):
+    """The real client, noting whether each Retrieve asked for anchors."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.asked_for_anchors: list[bool] = []
+
+    def by_history(
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates:
+        self.asked_for_anchors.append(options.anchors)
+        return super().by_history(item_ids, weights, n, exclude, timeout_s, options)
+
+
+def test_retrieval_sends_anchors_only_for_explanations(
+    artifacts: BuiltArtifacts, servers: Servers, dataset: Dataset
+) -> None:
+    """Anchors cost retrieval ~1 ms per 500 candidates; only explain=true reads them."""
+    client = AnchorRecordingClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    settings = RankingSettings(artifacts=artifacts.root, compiled_trees=False)
+    pipeline = RankingPipeline(load_ranker_artifact(artifacts.root), client, settings)
+    try:
+        for user in users_by_activity(dataset)[:5]:
+            plain = pipeline.recommend(RecommendQuery(user, 10, now(dataset), "web", [], []), 5.0)
+            explained = pipeline.recommend(RecommendQuery(user, 10, now(dataset), "web", [], [], explain=True), 5.0)
+            assert [item.item_id for item in plain.items] == [item.item_id for item in explained.items]
+            assert any(item.anchor_item_ids for item in explained.items)
+    finally:
+        client.close()
+    assert client.asked_for_anchors == [False, True] * 5
 
 
 def test_cost_of_rules_and_explanations_is_printed(

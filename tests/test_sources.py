@@ -508,3 +508,22 @@ def test_scatter_gather_client_passes_filter_and_session(servers: Servers, datas
         assert {attributes[item][0] for item in preferred.item_ids} == {brand}
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("mix", [[], MEASURED_MIX], ids=["configured mix", "every source"])
+def test_without_anchors_the_same_candidates_come_without_them(
+    servers: Servers, dataset: Dataset, mix: list[retrieval_pb2.SourceQuota]
+) -> None:
+    history = retrieval_pb2.ItemHistory(item_ids=_history(dataset, user_rank=3))
+    for columnar in (False, True):
+        anchored = _retrieve(servers, history=history, n=100, mix=mix, columnar=columnar)
+        bare = _retrieve(servers, history=history, n=100, mix=mix, columnar=columnar, without_anchors=True)
+        assert bare.columns.item_ids == anchored.columns.item_ids
+        assert bare.columns.scores == anchored.columns.scores
+        assert [(c.item_id, c.score, list(c.sources)) for c in bare.candidates] == [
+            (c.item_id, c.score, list(c.sources)) for c in anchored.candidates
+        ]
+        assert any(c.anchor_item_ids for c in anchored.candidates) or any(anchored.columns.anchors)
+        assert not any(c.anchor_item_ids for c in bare.candidates)
+        assert not bare.columns.anchors
+        assert not bare.columns.anchor_item_ids
