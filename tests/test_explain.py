@@ -14,12 +14,12 @@ from ranking_service.artifact import load_ranker_artifact
 from ranking_service.explain import FEATURE_TEXT, Explanation, anchor_rows, explanations
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, FeatureMatrix
 from ranking_service.pipeline import RankingPipeline, RecommendQuery
-from ranking_service.retrieval_client import NO_OPTIONS, RetrievalClient, RetrievalOptions, RetrievedCandidates
+from ranking_service.retrieval_client import RetrievalClient, RetrievedCandidates
 from ranking_service.scoring import RankerModel, ScorePrior
 from ranking_service.store import ItemStats
 from shared.config import RankingSettings, RulesOverrides
 from shared.data import Dataset
-from shared.proto.vitrine.v1 import ranking_pb2
+from shared.proto.vitrine.v1 import ranking_pb2, retrieval_pb2
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
 from tests.ranking_helpers import now, recommend, tiny_item_table
 
@@ -164,23 +164,15 @@ def test_anchors_from_retrieval_else_closest_by_content_and_co_interaction() -> 
 
 
 class AnchorRecordingClient(RetrievalClient):
-    """The real client, noting whether each Retrieve asked for anchors."""
+    """The real client, noting whether each RetrieveRequest it sends asks for anchors."""
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
         self.asked_for_anchors: list[bool] = []
 
-    def by_history(
-        self,
-        item_ids: Sequence[str],
-        weights: Sequence[float],
-        n: int,
-        exclude: Sequence[str],
-        timeout_s: float,
-        options: RetrievalOptions = NO_OPTIONS,
-    ) -> RetrievedCandidates:
-        self.asked_for_anchors.append(options.anchors)
-        return super().by_history(item_ids, weights, n, exclude, timeout_s, options)
+    def _call(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float) -> RetrievedCandidates:
+        self.asked_for_anchors.append(not request.without_anchors)
+        return super()._call(request, timeout_s)
 
 
 def test_retrieval_sends_anchors_only_for_explanations(
