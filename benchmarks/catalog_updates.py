@@ -53,7 +53,7 @@ def main() -> None:
     vectors = rng.standard_normal((ITEMS, DIMENSION)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     layout = IndexLayout(kind="ivfpq", dimension=DIMENSION, nlist=1024, pq_m=56, pq_nbits=8)
-    index = VectorIndex(build_index(vectors, layout, 7, 40_000, 8), vectors.astype(np.float16), 16, 3)
+    index = VectorIndex(build_index(vectors, layout, 7, 40_000, 8, opq_iterations=8), vectors.astype(np.float16), 16, 3)
     queries = vectors[:QUERIES] + 0.1 * rng.standard_normal((QUERIES, DIMENSION)).astype(np.float32)
 
     def search(repeat: int) -> object:

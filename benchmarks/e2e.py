@@ -171,7 +171,12 @@ def build_artifacts(
     if index is None or index_build_s is None:
         started = time.perf_counter()
         index = build_index(
-            fused, layout, index_settings.seed, index_settings.train_sample, index_settings.train_iterations
+            fused,
+            layout,
+            index_settings.seed,
+            index_settings.train_sample,
+            index_settings.train_iterations,
+            opq_iterations=index_settings.opq_iterations,
         )
         index_build_s = time.perf_counter() - started
     stored = fused.astype(np.float16)

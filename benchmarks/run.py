@@ -40,7 +40,7 @@ from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
 from ranking_service.artifact import load_ranker_artifact
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.index import IndexLayout
-from retrieval_service.tuning import parse_layout
+from retrieval_service.tuning import layout_spec, parse_layout
 from shared.config import VitrineSettings, load_settings
 from shared.data import Dataset
 from shared.logs import configure_logging, event
@@ -54,8 +54,15 @@ SEED = 7
 
 def _served_layout(result: IndexBenchResult, dimension: int, fallback_nlist: int) -> IndexLayout:
     chosen = result.served_choice.get("layout") if result.served_choice else None
-    spec = parse_layout(chosen) if chosen else parse_layout(f"IVF{fallback_nlist},PQ56x8,RFP16")
-    return IndexLayout(kind="ivfpq", dimension=dimension, nlist=spec.nlist, pq_m=spec.pq_m, pq_nbits=spec.pq_nbits)
+    spec = parse_layout(chosen) if chosen else parse_layout(f"OPQ56,IVF{fallback_nlist},PQ56x8,RFP16")
+    return IndexLayout(
+        kind="ivfpq",
+        dimension=dimension,
+        nlist=spec.nlist,
+        pq_m=spec.pq_m,
+        pq_nbits=spec.pq_nbits,
+        opq=spec.transform == "OPQ",
+    )
 
 
 def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, command: str) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
         return payload
 
     layout = _served_layout(index_result, int(fused.shape[1]), bench.nlist)
-    spec = parse_layout(f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits}")
+    spec = layout_spec(layout, refine="")
     # The served index is the grid's build of the chosen layout: its build time is the shared
     # coarse step plus that layout's own training and adding.
     served_index = grid.base(spec)
@@ -91,6 +98,7 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
         update={
             "nlist": layout.nlist,
             "pq_m": layout.pq_m,
+            "opq": layout.opq,
             "train_sample": bench.train_sample,
             "train_iterations": bench.train_iterations,
         }

@@ -32,7 +32,7 @@ from retrieval_service.source_tables import (
     load_source_tables,
     write_shard_tables,
 )
-from retrieval_service.tuning import tune_search
+from retrieval_service.tuning import layout_spec, tune_search
 from retrieval_service.vectors import fit_collaborative, fuse, user_queries
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_version, open_artifact, set_current
 from shared.config import DEFAULT_NPROBE, IndexBuildSettings
@@ -182,7 +182,14 @@ def build_index_artifacts(
 
         layout = choose_layout(len(item_rows), fused.shape[1], settings)
         event(log, "training index", shard=shard, shards=shards, **layout.describe())
-        index = build_index(fused[item_rows], layout, settings.seed, settings.train_sample, settings.train_iterations)
+        index = build_index(
+            fused[item_rows],
+            layout,
+            settings.seed,
+            settings.train_sample,
+            settings.train_iterations,
+            opq_iterations=settings.opq_iterations,
+        )
         vectors = stored_vectors[item_rows]
         code_bytes = index.sa_code_size() if layout.kind == "ivfpq" else 4 * layout.dimension
         bytes_per_item = code_bytes + 2 * layout.dimension
@@ -277,9 +284,8 @@ class LoadedIndex:
 
 
 def describe_layout(layout: IndexLayout) -> str:
-    if layout.kind == "flat":
-        return "Flat"
-    return f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits},RFP16"
+    """The served layout: IVF-PQ (maybe rotated) re-scored from the float16 vectors."""
+    return "Flat" if layout.kind == "flat" else layout_spec(layout).label
 
 
 def tuned_search(params: dict[str, Any]) -> tuple[int, int]:

@@ -27,6 +27,7 @@ import numpy.typing as npt
 from retrieval_service.artifact import IndexTables, load_index_artifact, write_index_artifact
 from retrieval_service.index import build_index, choose_layout, recall_against_exact
 from retrieval_service.retriever import Retriever
+from retrieval_service.tuning import layout_spec
 from retrieval_service.vectors import normalise_rows
 from shared.artifacts import new_version
 from shared.config import IndexBuildSettings
@@ -115,7 +116,7 @@ def measure_shard(
     # builds 2x slower, which says nothing about the index.
     faiss.omp_set_num_threads(1)
     started = time.perf_counter()
-    index = build_index(vectors, layout, settings.seed)
+    index = build_index(vectors, layout, settings.seed, opq_iterations=settings.opq_iterations)
     build_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory(prefix="vitrine-sizing-") as root:
         tables = IndexTables(
@@ -146,10 +147,9 @@ def measure_shard(
         child.start()
         served = results.get(timeout=1800)
         child.join()
-    described = f"IVF{layout.nlist},PQ{layout.pq_m}x{layout.pq_nbits}" if layout.kind == "ivfpq" else "flat"
     return ShardFigures(
         items=n_items,
-        layout=described,
+        layout=layout_spec(layout, refine="").label if layout.kind == "ivfpq" else "flat",
         build_s=round(build_s, 1),
         files_mb=round(files / 2**20, 1),
         rss_mb=round(served["rss"] / 2**20, 1),

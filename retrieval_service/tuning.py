@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from retrieval_service.index import VectorIndex
+from retrieval_service.index import IndexLayout, VectorIndex
 from shared.config import IndexTuningSettings
 from shared.logs import event
 
@@ -78,6 +78,14 @@ class LayoutSpec:
         code = self.pq_m * self.pq_nbits / 8.0
         refine = {"": 0, "SQ8": 1, "FP16": 2}[self.refine] * dimension
         return code + refine
+
+
+def layout_spec(layout: IndexLayout, refine: str = "FP16") -> LayoutSpec:
+    """A built IVF-PQ layout in the notation above (the server re-scores from float16)."""
+    if layout.kind != "ivfpq":
+        raise ValueError(f"a {layout.kind} index has no IVF-PQ notation")
+    transform = "OPQ" if layout.opq else ""
+    return LayoutSpec(layout.nlist, layout.pq_m, layout.pq_nbits, transform=transform, refine=refine)
 
 
 def parse_layout(text: str) -> LayoutSpec:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
+import faiss
 import numpy as np
 import pytest
 
-from retrieval_service.artifact import load_index_artifact
+from retrieval_service.artifact import DEFAULT_NAME, IndexTables, load_index_artifact, write_index_artifact
 from retrieval_service.index import MIN_ITEMS_FOR_IVFPQ, VectorIndex, build_index, choose_layout, recall_against_exact
 from retrieval_service.vectors import normalise_rows
+from shared.artifacts import new_version
 from shared.config import IndexBuildSettings
 from tests.conftest import BuiltArtifacts
 
@@ -37,11 +42,83 @@ def test_recall_at_100_against_exact_search(artifacts: BuiltArtifacts) -> None:
     assert artifacts.index.metrics["recall@100_vs_exact"] >= RECALL_AT_100_THRESHOLD
 
 
+def test_opq_layout_is_chosen_for_large_catalogues_only() -> None:
+    settings = IndexBuildSettings(opq_min_items=100_000)
+    assert not choose_layout(99_999, 448, settings).opq
+    assert choose_layout(100_000, 448, settings).opq
+
+
+def test_opq_rotated_index_serves_like_the_plain_one_with_better_codes(tmp_path: Path) -> None:
+    """The rotation sits in front of the IVF: nprobe, exclusions, filters, adds and retired
+    rows work through it, and its bare codes find more of the exact top 100 on data whose
+    variance is concentrated in a few dimensions (as fused text + ALS vectors are)."""
+    rng = np.random.default_rng(11)
+    scales = np.concatenate([np.full(48, 0.15), np.full(16, 2.0)]).astype(np.float32)
+    centres = rng.standard_normal((60, 64)).astype(np.float32) * scales
+    vectors = (centres[rng.integers(0, 60, 6000)] + rng.standard_normal((6000, 64)) * scales).astype(np.float32)
+    queries = vectors[rng.choice(6000, 40, replace=False)]
+    settings = IndexBuildSettings(opq_min_items=0, pq_m=8, opq_iterations=8)
+    layout = choose_layout(len(vectors), 64, settings)
+    assert layout.opq
+    plain_layout = replace(layout, opq=False)
+    rotated = build_index(vectors, layout, seed=1, opq_iterations=settings.opq_iterations)
+    plain = build_index(vectors, plain_layout, seed=1, opq_iterations=settings.opq_iterations)
+    assert isinstance(rotated, faiss.IndexPreTransform)
+    exact = VectorIndex(plain, vectors.astype(np.float16), nprobe=16).exact_search(queries, 100)
+
+    def bare_recall(index: faiss.Index) -> float:
+        faiss.extract_index_ivf(index).nprobe = 16
+        _, found = index.search(queries, 100)
+        return float(np.mean([len(np.intersect1d(f, e)) / 100 for f, e in zip(found, exact, strict=True)]))
+
+    assert bare_recall(rotated) > bare_recall(plain) + 0.1  # measured: 0.73 against 0.51
+
+    # So does the served search (a 3x shortlist re-scored exactly).
+    served = VectorIndex(rotated, vectors.astype(np.float16), nprobe=16)
+    plain_served = VectorIndex(plain, vectors.astype(np.float16), nprobe=16)
+    # measured: 0.80 against 0.76
+    assert recall_against_exact(served, queries, 100) > recall_against_exact(plain_served, queries, 100)
+    first, _ = served.search(queries[:1], 50)
+    # Written and loaded through the checksummed artifact, the rotation comes back with it.
+    tables = IndexTables(
+        index=rotated,
+        item_ids=np.asarray([f"item-{row}" for row in range(len(vectors))]),
+        item_vectors=vectors.astype(np.float16),
+        user_ids=np.zeros(0, dtype="<U8"),
+        user_vectors=np.zeros((0, 64), dtype=np.float16),
+        popular_rows=np.arange(len(vectors), dtype=np.int32),
+        popular_ranks=np.arange(len(vectors), dtype=np.int32),
+    )
+    params = {"content_dim": 32, "collaborative_dim": 32, "embedding_model": "synthetic", "shard": 0}
+    params |= {"shard_count": 1, "build": settings.model_dump(), "search": {"nprobe": 16, "refine_factor": 3}}
+    write_index_artifact(tmp_path, DEFAULT_NAME, new_version(), tables, params, {})
+    loaded = load_index_artifact(tmp_path)
+    assert np.array_equal(loaded.index.search(queries[:1], 50)[0], first)
+    second, _ = served.search(queries[:1], 50, first[:25])
+    assert len(second) == 50
+    assert not set(first[:25].tolist()) & set(second.tolist())
+    allowed = np.zeros(len(vectors), dtype=bool)
+    allowed[::3] = True
+    rows, _ = served.search_allowed(queries[:1], 20, allowed, exact_below=10)
+    assert len(rows) == 20
+    assert np.all(rows % 3 == 0)
+    # Rows added after the build go through the rotation too; retired rows disappear.
+    new_rows = served.add(queries[:2] * 1.5, retire=first[:1])
+    after, _ = served.search(queries[:1], 10)
+    assert new_rows[0] in after
+    assert first[0] not in after
+
+
 def test_search_never_returns_excluded_rows_and_fills_n() -> None:
     rng = np.random.default_rng(3)
     vectors = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
-    layout = choose_layout(len(vectors), 32, IndexBuildSettings())
-    index = VectorIndex(build_index(vectors, layout, seed=1), vectors.astype(np.float16), nprobe=16)
+    settings = IndexBuildSettings()
+    layout = choose_layout(len(vectors), 32, settings)
+    index = VectorIndex(
+        build_index(vectors, layout, seed=1, opq_iterations=settings.opq_iterations),
+        vectors.astype(np.float16),
+        nprobe=16,
+    )
     query = vectors[:1]
     first, _ = index.search(query, 50)
     excluded = first[:25]
@@ -54,7 +131,10 @@ def test_search_never_returns_excluded_rows_and_fills_n() -> None:
 def test_refine_depth_caps_the_shortlist_and_still_fills_n() -> None:
     rng = np.random.default_rng(5)
     vectors = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
-    faiss_index = build_index(vectors, choose_layout(len(vectors), 32, IndexBuildSettings()), seed=1)
+    settings = IndexBuildSettings()
+    faiss_index = build_index(
+        vectors, choose_layout(len(vectors), 32, settings), seed=1, opq_iterations=settings.opq_iterations
+    )
     full = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3)
     capped = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3, refine_depth=10)
     assert [full.shortlist_size(n) for n in (5, 50)] == [15, 150]
@@ -69,7 +149,9 @@ def test_refine_depth_caps_the_shortlist_and_still_fills_n() -> None:
 def test_exclusions_larger_than_catalogue_return_what_is_left() -> None:
     vectors = normalise_rows(np.random.default_rng(4).standard_normal((50, 8)).astype(np.float32))
     index = VectorIndex(
-        build_index(vectors, choose_layout(50, 8, IndexBuildSettings()), 1), vectors.astype(np.float16), 4
+        build_index(vectors, choose_layout(50, 8, IndexBuildSettings()), 1, opq_iterations=1),
+        vectors.astype(np.float16),
+        4,
     )
     rows, _ = index.search(vectors[:1], 10, np.arange(45, dtype=np.int64))
     assert sorted(rows.tolist()) == [45, 46, 47, 48, 49]
@@ -77,6 +159,6 @@ def test_exclusions_larger_than_catalogue_return_what_is_left() -> None:
 
 def test_mismatched_vectors_are_refused() -> None:
     vectors = normalise_rows(np.random.default_rng(5).standard_normal((20, 8)).astype(np.float32))
-    index = build_index(vectors, choose_layout(20, 8, IndexBuildSettings()), 1)
+    index = build_index(vectors, choose_layout(20, 8, IndexBuildSettings()), 1, opq_iterations=1)
     with pytest.raises(ValueError, match="index holds 20 vectors"):
         VectorIndex(index, vectors[:10].astype(np.float16), 4)
