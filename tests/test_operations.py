@@ -7,6 +7,7 @@ root, so reloading them does not disturb the session-wide servers of other tests
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -521,6 +523,60 @@ def test_sigterm_under_load_drains_in_flight_requests(
 
 
 # -- start-up ------------------------------------------------------------------------------------
+
+
+class _LoadedVersion:
+    """A served object holding a reference cycle, as loaded artifacts often do."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.itself = self
+
+
+def _collector_sees(target: object) -> bool:
+    return any(tracked is target for tracked in gc.get_objects())
+
+
+def test_loaded_artifacts_are_frozen_and_a_swap_frees_the_replaced_version() -> None:
+    """After a load the served objects leave the collector's generations (gc.freeze); a swap
+    unfreezes and collects, so a replaced version held only by a cycle is freed."""
+    pointer = {"version": "v1"}
+    loaded: list[weakref.ref[_LoadedVersion]] = []
+
+    def load(version: str | None) -> _LoadedVersion:
+        served_object = _LoadedVersion(version or pointer["version"])
+        loaded.append(weakref.ref(served_object))
+        return served_object
+
+    served: Reloadable[_LoadedVersion] = Reloadable(
+        "test.Heap", "thing", load, lambda value: value.version, lambda: pointer["version"]
+    )
+    running = start_server("test.Heap", lambda server: None, ServerSettings(port=0, reload_poll_s=0), served)
+    try:
+        assert not _collector_sees(served.get())
+        assert gc.get_freeze_count() > 0
+        pointer["version"] = "v2"
+        assert served.reload().reloaded
+        assert loaded[0]() is None
+        assert served.get().version == "v2"
+        assert not _collector_sees(served.get())
+    finally:
+        running.stop()
+        gc.unfreeze()
+
+
+def test_heap_freezing_can_be_turned_off() -> None:
+    served: Reloadable[_LoadedVersion] = Reloadable(
+        "test.Heap", "thing", lambda version: _LoadedVersion("v1"), lambda value: value.version, lambda: "v1"
+    )
+    settings = ServerSettings(port=0, reload_poll_s=0, freeze_heap_after_load=False)
+    gc.unfreeze()
+    running = start_server("test.Heap", lambda server: None, settings, served)
+    try:
+        assert _collector_sees(served.get())
+        assert gc.get_freeze_count() == 0
+    finally:
+        running.stop()
 
 
 def test_health_is_not_serving_while_artifacts_load(tmp_path: Path) -> None:
