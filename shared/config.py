@@ -233,10 +233,11 @@ class ServerSettings(BaseModel):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     # Poll <artifacts>/<name>/CURRENT this often and hot-swap a new version; 0 disables.
     reload_poll_s: float = Field(5.0, ge=0)
-    # After each artifact load, move what is alive (the artifacts' Python objects) out of
-    # the cyclic collector's sight (gc.freeze): its full collections stop re-scanning them
-    # under every few hundred requests (1M items: ~0.5 ms a request in the retrieval
-    # service, docs/benchmarks.md). A swap unfreezes and collects once, so nothing leaks.
+    # Keep the loaded artifacts' Python objects out of the cyclic collector's full
+    # collections (gc.freeze, shared/reloading.py: HeapFreezer), which otherwise re-walk
+    # them every few hundred requests (1M items: ~0.5 ms a request in the retrieval
+    # service, docs/benchmarks.md). A swap unfreezes; the collector's next full collection
+    # frees the replaced version and the heap is frozen again, so nothing leaks.
     freeze_heap_after_load: bool = True
     # TLS (and mutual TLS with client_ca_file) from PEM files; unset = plaintext.
     tls: TlsSettings = TlsSettings()

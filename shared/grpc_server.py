@@ -29,7 +29,7 @@ from shared.admin import ADMIN_METHODS, ADMIN_SERVICE_NAME, AdminServicer
 from shared.config import ServerSettings
 from shared.logs import event
 from shared.proto.vitrine.v1 import admin_pb2_grpc
-from shared.reloading import Reloadable, settle_heap
+from shared.reloading import HeapFreezer, Reloadable
 from shared.security import add_server_port, server_interceptors
 from shared.telemetry import MetricsEndpoint, MetricsInterceptor
 from shared.tracing import TracingInterceptor
@@ -119,7 +119,8 @@ def start_server(
         log, "server listening", service=service_name, host=settings.host, port=bound, metrics_port=running.metrics_port
     )
     if settings.freeze_heap_after_load:
-        served.after_load = settle_heap
+        served.heap = HeapFreezer()
+        running.on_stop.append(served.heap.close)
     try:
         served.load_initial()
     except BaseException:

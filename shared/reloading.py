@@ -27,19 +27,44 @@ log = logging.getLogger(__name__)
 Served = TypeVar("Served")
 
 
-def settle_heap() -> None:
-    """Collect once, then exempt everything alive from later cyclic collections.
+class HeapFreezer:
+    """Keeps the loaded artifacts out of the cyclic collector's full collections.
 
-    Called once artifacts are loaded: the loaded tables are long-lived, and a full
-    collection would otherwise walk them again every few hundred requests. Objects frozen
-    earlier (a replaced version) are unfrozen first, so the collection frees their cycles.
-    Reference counting still frees frozen objects without cycles as usual.
+    The loaded tables are long-lived; without this, every full collection (one every few
+    hundred requests) walks them all again. :meth:`after_initial_load` collects once and
+    freezes what is alive (``gc.freeze``); nothing is in flight yet, so the pause is free.
+    :meth:`after_swap` only unfreezes (O(1)): the replaced version becomes collectable,
+    and the heap is frozen again right after the collector's next full collection, which
+    would have run anyway. A swap therefore adds no collection pause of its own (a forced
+    collection here held the GIL 0.06-0.1 s at 1M items), and nothing leaks.
     """
-    started = time.perf_counter()
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    event(log, "heap settled", frozen_objects=gc.get_freeze_count(), seconds=round(time.perf_counter() - started, 3))
+
+    def __init__(self) -> None:
+        self._refreeze_pending = False
+        gc.callbacks.append(self._on_collection)
+
+    def after_initial_load(self) -> None:
+        started = time.perf_counter()
+        gc.collect()
+        gc.freeze()
+        event(log, "heap frozen", objects=gc.get_freeze_count(), seconds=round(time.perf_counter() - started, 3))
+
+    def after_swap(self) -> None:
+        gc.unfreeze()
+        self._refreeze_pending = True
+
+    def close(self) -> None:
+        """The server stopped: its tables may go (and another server's come) like any object."""
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(self._on_collection)
+        gc.unfreeze()
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        # After a full collection every generation is empty but the survivors: freezing
+        # now exempts exactly what is alive.
+        if self._refreeze_pending and phase == "stop" and info.get("generation") == 2:
+            self._refreeze_pending = False
+            gc.freeze()
 
 
 class ReloadRefused(RuntimeError):
@@ -61,11 +86,10 @@ class Reloadable(Generic[Served]):
         load: Callable[[str | None], Served],
         version_of: Callable[[Served], str],
         pointer: Callable[[], str],
-        after_load: Callable[[], None] | None = None,
     ) -> None:
         """``load(version)`` builds the served object (None: the CURRENT version);
-        ``pointer()`` reads which version CURRENT names, for the watcher; ``after_load``
-        runs after the initial load and after every swap (e.g. :func:`settle_heap`).
+        ``pointer()`` reads which version CURRENT names, for the watcher. Set
+        :attr:`heap` to keep loaded versions out of the cyclic collector's sight.
 
         Nothing is loaded until :meth:`load_initial`, so a server can listen (and
         report NOT_SERVING) while its artifacts load.
@@ -75,7 +99,7 @@ class Reloadable(Generic[Served]):
         self._load = load
         self._version_of = version_of
         self._pointer = pointer
-        self.after_load = after_load
+        self.heap: HeapFreezer | None = None
         self._lock = threading.Lock()
         self._current: Served | None = None
         self.reloads = 0
@@ -85,12 +109,9 @@ class Reloadable(Generic[Served]):
     def load_initial(self) -> None:
         with self._lock:
             self._current = self._load(None)
-            self._after_load()
+            if self.heap is not None:
+                self.heap.after_initial_load()
         set_artifact_version(self._service, self._artifact, self.version, None)
-
-    def _after_load(self) -> None:
-        if self.after_load is not None:
-            self.after_load()
 
     def get(self) -> Served:
         current = self._current
@@ -133,8 +154,8 @@ class Reloadable(Generic[Served]):
                     f"{self._artifact} version {target} refused ({error}); {previous} keeps serving"
                 ) from error
             self._current = candidate
-            del candidate
-            self._after_load()
+            if self.heap is not None:
+                self.heap.after_swap()
             self.reloads += 1
             RELOADS.labels(self._service, self._artifact, "swapped").inc()
             set_artifact_version(self._service, self._artifact, self.version, previous)

@@ -538,8 +538,9 @@ def _collector_sees(target: object) -> bool:
 
 
 def test_loaded_artifacts_are_frozen_and_a_swap_frees_the_replaced_version() -> None:
-    """After a load the served objects leave the collector's generations (gc.freeze); a swap
-    unfreezes and collects, so a replaced version held only by a cycle is freed."""
+    """After the initial load the served objects leave the collector's generations
+    (gc.freeze). A swap forces no collection: it unfreezes, the next full collection frees
+    a replaced version held only by a cycle, and the heap is frozen again right after."""
     pointer = {"version": "v1"}
     loaded: list[weakref.ref[_LoadedVersion]] = []
 
@@ -556,13 +557,25 @@ def test_loaded_artifacts_are_frozen_and_a_swap_frees_the_replaced_version() -> 
         assert not _collector_sees(served.get())
         assert gc.get_freeze_count() > 0
         pointer["version"] = "v2"
-        assert served.reload().reloaded
+        collections: list[int] = []
+        gc.callbacks.append(lambda phase, info: collections.append(info["generation"]) if phase == "stop" else None)
+        gc.disable()  # no automatic collection may run in between: only the swap's own
+        try:
+            assert served.reload().reloaded
+            assert not collections  # the swap itself collected nothing
+            assert gc.get_freeze_count() == 0
+            assert loaded[0]() is not None  # a cycle: only a collection frees it
+        finally:
+            gc.enable()
+            gc.callbacks.pop()
+        gc.collect()  # the collector's next full collection, whenever it comes
         assert loaded[0]() is None
         assert served.get().version == "v2"
+        assert gc.get_freeze_count() > 0
         assert not _collector_sees(served.get())
     finally:
         running.stop()
-        gc.unfreeze()
+    assert gc.get_freeze_count() == 0  # a stopped server leaves nothing frozen
 
 
 def test_heap_freezing_can_be_turned_off() -> None:
@@ -570,7 +583,6 @@ def test_heap_freezing_can_be_turned_off() -> None:
         "test.Heap", "thing", lambda version: _LoadedVersion("v1"), lambda value: value.version, lambda: "v1"
     )
     settings = ServerSettings(port=0, reload_poll_s=0, freeze_heap_after_load=False)
-    gc.unfreeze()
     running = start_server("test.Heap", lambda server: None, settings, served)
     try:
         assert _collector_sees(served.get())
