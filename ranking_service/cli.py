@@ -82,7 +82,6 @@ def _run_train(args: argparse.Namespace) -> int:
             client.wait_ready(30.0)
         artifact = train_ranker_artifact(
             dataset,
-            content,
             clients,
             args.out,
             settings.ranker_build,

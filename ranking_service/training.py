@@ -390,7 +390,6 @@ def _replay_draw(
 
 def train_ranker_artifact(
     dataset: Dataset,
-    content_vectors: npt.NDArray[np.float32],
     retrievals: Sequence[RetrievalClient],
     root: Path,
     settings: RankerBuildSettings,

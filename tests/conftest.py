@@ -82,7 +82,6 @@ def artifacts(
         content = embedder.encode(dataset.catalog.embedding_texts())
         ranker = train_ranker_artifact(
             dataset,
-            content,
             [client],
             root,
             settings.ranker_build,
