@@ -622,6 +622,9 @@ class BenchSettings(BaseModel):
             "OPQ56,IVF{nlist},PQ56x8,RFP16x10",
             "PCA128,IVF{nlist},PQ64x8",
             "PCA128,IVF{nlist},PQ64x8,RFP16x10",
+            "OPQ112,IVF{nlist},PQ112x4fs",
+            "OPQ112,IVF{nlist},PQ112x4fs,RFP16x20",
+            "OPQ112,IVF{nlist},PQ112x4fs,RSQ8x20",
         ],
         min_length=1,
     )
