@@ -403,7 +403,7 @@ def load_floor(root: Path, settings: RankingSettings) -> tuple[RankingPipeline, 
     threadpool_limits(limits=1, user_api="blas")  # as both servers run
     served = load_settings().retrieval  # the retrieval server's settings: same search, same work
     retriever = Retriever(
-        load_index_artifact(root, refine_depth=served.refine_depth),
+        load_index_artifact(root, max_rescored_rows=served.max_rescored_rows),
         max_candidates=served.max_candidates,
         max_exclusions=served.max_exclusions,
     )

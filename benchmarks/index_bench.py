@@ -236,9 +236,9 @@ def exact_reference(
 
 
 def servable(spec: LayoutSpec) -> bool:
-    """What the retrieval service can serve today: IVF-PQ (8-bit codes, maybe OPQ-rotated)
-    re-scored from float16."""
-    return spec.transform in ("", "OPQ") and not spec.fast_scan and spec.refine == "FP16"
+    """What the retrieval service can serve today: IVF-PQ (8-bit or fast-scan codes, maybe
+    OPQ-rotated) re-scored from float16."""
+    return spec.transform in ("", "OPQ") and spec.refine == "FP16"
 
 
 def run_index_bench(

@@ -62,6 +62,7 @@ def _served_layout(result: IndexBenchResult, dimension: int, fallback_nlist: int
         pq_m=spec.pq_m,
         pq_nbits=spec.pq_nbits,
         opq=spec.transform == "OPQ",
+        fast_scan=spec.fast_scan,
     )
 
 
@@ -98,7 +99,8 @@ def run(settings: VitrineSettings, name: str, workdir: Path, skip_e2e: bool, com
         update={
             "nlist": layout.nlist,
             "pq_m": layout.pq_m,
-            "opq": layout.opq,
+            "opq_min_items": 0 if layout.opq else bench.items + 1,
+            "fast_scan_min_items": 0 if layout.fast_scan else bench.items + 1,
             "train_sample": bench.train_sample,
             "train_iterations": bench.train_iterations,
         }

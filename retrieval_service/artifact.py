@@ -301,10 +301,10 @@ def load_index_artifact(
     name: str = DEFAULT_NAME,
     version: str | None = None,
     refine_factor: int | None = None,
-    refine_depth: int | None = None,
+    max_rescored_rows: int | None = None,
 ) -> LoadedIndex:
     """``nprobe`` / ``refine_factor`` None: the values the build's autotuner recorded in the
-    manifest. ``refine_depth``: see :class:`VectorIndex` (None: the shortlist grows with n)."""
+    manifest. ``max_rescored_rows``: see :class:`VectorIndex` (None: the shortlist grows with n)."""
     artifact = open_artifact(root, name, KIND, version)
     params = artifact.params
     tuned_nprobe, tuned_factor = tuned_search(params)
@@ -336,7 +336,7 @@ def load_index_artifact(
         raise ArtifactError(f"{artifact.path}: item_stock.npy does not match item_ids.npy")
     loaded = LoadedIndex(
         version=artifact.version,
-        index=VectorIndex(index, vectors, nprobe, refine_factor, refine_depth),
+        index=VectorIndex(index, vectors, nprobe, refine_factor, max_rescored_rows),
         item_ids=item_ids,
         item_row={item_id: row for row, item_id in enumerate(item_ids.tolist())},
         user_row={user_id: row for row, user_id in enumerate(user_ids.tolist())},

@@ -11,6 +11,7 @@ from itertools import chain
 import faiss
 import grpc
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 
 from retrieval_service.artifact import load_index_artifact
@@ -333,13 +334,16 @@ def start_retrieval_server(
                 encoders.append(None)
             else:
                 encoders.append(text_encoder or load_text_encoder(embedding))
+            # As FAISS and BLAS (top of this function): a request's torch work (the re-score's float16 decode, a
+            # text query's encoding) on search_threads; the text model set its own count.
+            torch.set_num_threads(settings.search_threads)
         loaded = load_index_artifact(
             settings.artifacts,
             settings.nprobe,
             artifact_name,
             version,
             refine_factor=settings.refine_factor,
-            refine_depth=settings.refine_depth,
+            max_rescored_rows=settings.max_rescored_rows,
         )
         if (loaded.shard, loaded.shard_count) != (settings.shard, settings.shards):
             # A shard answering for another shard's items would corrupt every merged answer.

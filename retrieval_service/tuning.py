@@ -85,7 +85,9 @@ def layout_spec(layout: IndexLayout, refine: str = "FP16") -> LayoutSpec:
     if layout.kind != "ivfpq":
         raise ValueError(f"a {layout.kind} index has no IVF-PQ notation")
     transform = "OPQ" if layout.opq else ""
-    return LayoutSpec(layout.nlist, layout.pq_m, layout.pq_nbits, transform=transform, refine=refine)
+    return LayoutSpec(
+        layout.nlist, layout.pq_m, layout.pq_nbits, transform=transform, fast_scan=layout.fast_scan, refine=refine
+    )
 
 
 def parse_layout(text: str) -> LayoutSpec:

@@ -77,7 +77,11 @@ class IndexTuningSettings(BaseModel):
     )
     # Shortlist sizes (x n) re-scored exactly from the float16 vectors: a larger shortlist
     # recovers what PQ ranks wrongly among near-ties, at the cost of re-scoring.
-    refine_factor_candidates: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 10], min_length=1)
+    # 20: fast-scan codes scan ~5x faster than 8-bit ones and pay for a deeper shortlist
+    # (1M items: recall@100 0.967 at nprobe 48 within 1.5 ms, docs/benchmarks.md).
+    refine_factor_candidates: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [3, 10, 20], min_length=1
+    )
     sample_queries: int = Field(200, ge=1)
 
 
@@ -129,6 +133,11 @@ class IndexBuildSettings(BaseModel):
     # with the re-scored shortlist alone, and OPQ training would dominate their build.
     opq_min_items: int = Field(100_000, ge=0)
     opq_iterations: int = Field(10, ge=1)
+    # 4-bit fast-scan PQ codes (twice the sub-quantisers, the same bytes) in catalogues of at
+    # least this many items: at 1M items the code scan is ~5x faster, which buys a deeper
+    # re-scored shortlist (recall@100 0.97 within 1.3 ms, docs/benchmarks.md). 4-bit codes
+    # are coarser, so smaller catalogues keep 8-bit ones.
+    fast_scan_min_items: int = Field(100_000, ge=0)
     # IVF and PQ are trained on at most this many vectors (a seeded sample): at 1M items
     # training on everything costs minutes and gains nothing measurable.
     train_sample: int = Field(100_000, ge=1000)
@@ -324,12 +333,13 @@ class RetrievalSettings(ServerSettings):
     nprobe: int | None = Field(None, ge=1)
     # None: the shortlist factor the build's autotuner chose (manifest), else 3.
     refine_factor: int | None = Field(None, ge=1)
-    # None (default): a request for n candidates re-scores refine_factor x n rows. Set, e.g.
-    # 100 (the depth index_build.tuning.recall_at tunes the factor for): refine_factor x
-    # min(n, refine_depth) rows, at least n. At 1M items and n = 500 that halved the
-    # retrieve stage (13.2 -> 6.4 ms) but lost a quarter of the exact top 500 (recall@500
-    # 0.53 -> 0.41 at factor 3): a CPU-for-recall trade to make knowingly (docs/benchmarks.md).
-    refine_depth: int | None = Field(None, ge=1)
+    # A request for n candidates re-scores refine_factor x n rows, at most max(n, this many):
+    # a CPU budget per search. The factor is tuned at index_build.tuning.recall_at (100), and
+    # at 1M items with fast-scan codes (factor 20) the 2,000 rows it re-scores there also find
+    # the exact top 500 at recall 0.95, where 20 x 500 rows would cost ~5x the time for +0.02
+    # (docs/benchmarks.md). Small catalogues stay under it (MovieLens 100K: 3 x 300 rows), and
+    # capping them by depth instead cost the temporal protocol NDCG@10 0.3975 -> 0.3885.
+    max_rescored_rows: int = Field(2000, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.
     search_threads: int = Field(1, ge=1)
     # Free-text queries need the text model in memory (~0.5 GB, ~8 s to load). It is loaded

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from retrieval_service.artifact import DEFAULT_NAME, IndexTables, load_index_artifact, write_index_artifact
@@ -78,19 +79,59 @@ def test_opq_rotated_index_serves_like_the_plain_one_with_better_codes(tmp_path:
     plain_served = VectorIndex(plain, vectors.astype(np.float16), nprobe=16)
     # measured: 0.80 against 0.76
     assert recall_against_exact(served, queries, 100) > recall_against_exact(plain_served, queries, 100)
+    _assert_serves_like_any_index(served, rotated, vectors, queries, settings, tmp_path)
+
+
+def test_fast_scan_layout_is_chosen_for_large_catalogues_only() -> None:
+    settings = IndexBuildSettings(fast_scan_min_items=100_000)
+    below, at = choose_layout(99_999, 448, settings), choose_layout(100_000, 448, settings)
+    assert (below.fast_scan, below.pq_m, below.pq_nbits) == (False, 56, 8)
+    # Twice the sub-quantisers at half the bits: the same 56 bytes of codes per item.
+    assert (at.fast_scan, at.pq_m, at.pq_nbits) == (True, 112, 4)
+
+
+def test_fast_scan_index_serves_like_any_index(tmp_path: Path) -> None:
+    """4-bit fast-scan codes behind an OPQ rotation: the served search (a re-scored
+    shortlist) reaches the recall target, and exclusions, ID-selector filters, adds,
+    retired rows and the artifact round trip work as with 8-bit codes."""
+    rng = np.random.default_rng(12)
+    centres = normalise_rows(rng.standard_normal((60, 64)).astype(np.float32))
+    vectors = normalise_rows(centres[rng.integers(0, 60, 6000)] + 0.7 * rng.standard_normal((6000, 64)) / 8)
+    queries = vectors[rng.choice(6000, 40, replace=False)]
+    settings = IndexBuildSettings(fast_scan_min_items=0, opq_min_items=0, opq_iterations=4)
+    layout = choose_layout(len(vectors), 64, settings)
+    assert (layout.fast_scan, layout.opq, layout.pq_m, layout.pq_nbits) == (True, True, 16, 4)
+    index = build_index(vectors, layout, seed=1, opq_iterations=settings.opq_iterations)
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQFastScan)
+    served = VectorIndex(index, vectors.astype(np.float16), nprobe=16, refine_factor=10)
+    assert recall_against_exact(served, queries, 100) >= RECALL_AT_100_THRESHOLD
+    _assert_serves_like_any_index(served, index, vectors, queries, settings, tmp_path)
+
+
+def _assert_serves_like_any_index(
+    served: VectorIndex,
+    index: faiss.Index,
+    vectors: npt.NDArray[np.float32],
+    queries: npt.NDArray[np.float32],
+    settings: IndexBuildSettings,
+    tmp_path: Path,
+) -> None:
+    """The checksummed artifact round trip, exclusions, bitmap filters, adds and retired rows."""
+    dimension = vectors.shape[1]
     first, _ = served.search(queries[:1], 50)
-    # Written and loaded through the checksummed artifact, the rotation comes back with it.
+    # Written and loaded through the checksummed artifact, the index comes back whole.
     tables = IndexTables(
-        index=rotated,
+        index=index,
         item_ids=np.asarray([f"item-{row}" for row in range(len(vectors))]),
         item_vectors=vectors.astype(np.float16),
         user_ids=np.zeros(0, dtype="<U8"),
-        user_vectors=np.zeros((0, 64), dtype=np.float16),
+        user_vectors=np.zeros((0, dimension), dtype=np.float16),
         popular_rows=np.arange(len(vectors), dtype=np.int32),
         popular_ranks=np.arange(len(vectors), dtype=np.int32),
     )
-    params = {"content_dim": 32, "collaborative_dim": 32, "embedding_model": "synthetic", "shard": 0}
-    params |= {"shard_count": 1, "build": settings.model_dump(), "search": {"nprobe": 16, "refine_factor": 3}}
+    params = {"content_dim": dimension // 2, "collaborative_dim": dimension - dimension // 2}
+    params |= {"embedding_model": "synthetic", "shard": 0, "shard_count": 1, "build": settings.model_dump()}
+    params |= {"search": {"nprobe": served.nprobe, "refine_factor": served.refine_factor}}
     write_index_artifact(tmp_path, DEFAULT_NAME, new_version(), tables, params, {})
     loaded = load_index_artifact(tmp_path)
     assert np.array_equal(loaded.index.search(queries[:1], 50)[0], first)
@@ -102,7 +143,7 @@ def test_opq_rotated_index_serves_like_the_plain_one_with_better_codes(tmp_path:
     rows, _ = served.search_allowed(queries[:1], 20, allowed, exact_below=10)
     assert len(rows) == 20
     assert np.all(rows % 3 == 0)
-    # Rows added after the build go through the rotation too; retired rows disappear.
+    # Rows added after the build go through the same codes; retired rows disappear.
     new_rows = served.add(queries[:2] * 1.5, retire=first[:1])
     after, _ = served.search(queries[:1], 10)
     assert new_rows[0] in after
@@ -128,7 +169,7 @@ def test_search_never_returns_excluded_rows_and_fills_n() -> None:
     assert np.all(np.diff(scores) <= 1e-6)
 
 
-def test_refine_depth_caps_the_shortlist_and_still_fills_n() -> None:
+def test_rescored_rows_are_capped_and_the_answer_still_fills_n() -> None:
     rng = np.random.default_rng(5)
     vectors = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
     settings = IndexBuildSettings()
@@ -136,9 +177,9 @@ def test_refine_depth_caps_the_shortlist_and_still_fills_n() -> None:
         vectors, choose_layout(len(vectors), 32, settings), seed=1, opq_iterations=settings.opq_iterations
     )
     full = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3)
-    capped = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3, refine_depth=10)
+    capped = VectorIndex(faiss_index, vectors.astype(np.float16), nprobe=16, refine_factor=3, max_rescored_rows=30)
     assert [full.shortlist_size(n) for n in (5, 50)] == [15, 150]
-    # factor x min(n, depth), never fewer than n.
+    # factor x n, at most max(n, 30).
     assert [capped.shortlist_size(n) for n in (5, 10, 20, 50)] == [15, 30, 30, 50]
     rows, scores = capped.search(vectors[:1], 50)
     assert len(set(rows.tolist())) == len(rows) == 50
