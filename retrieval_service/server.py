@@ -11,7 +11,6 @@ from itertools import chain
 import faiss
 import grpc
 import numpy as np
-import torch
 from threadpoolctl import threadpool_limits
 
 from retrieval_service.artifact import load_index_artifact
@@ -334,9 +333,6 @@ def start_retrieval_server(
                 encoders.append(None)
             else:
                 encoders.append(text_encoder or load_text_encoder(embedding))
-            # As FAISS and BLAS (top of this function): a request's torch work (the re-score's float16 decode, a
-            # text query's encoding) on search_threads; the text model set its own count.
-            torch.set_num_threads(settings.search_threads)
         loaded = load_index_artifact(
             settings.artifacts,
             settings.nprobe,

@@ -78,7 +78,7 @@ class IndexTuningSettings(BaseModel):
     # Shortlist sizes (x n) re-scored exactly from the float16 vectors: a larger shortlist
     # recovers what PQ ranks wrongly among near-ties, at the cost of re-scoring.
     # 20: fast-scan codes scan ~5x faster than 8-bit ones and pay for a deeper shortlist
-    # (1M items: recall@100 0.967 at nprobe 48 within 1.5 ms, docs/benchmarks.md).
+    # (1M items: recall@100 0.973 at nprobe 64 in 1.2 ms, docs/retrieval.md).
     refine_factor_candidates: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [3, 10, 20], min_length=1
     )
@@ -336,8 +336,8 @@ class RetrievalSettings(ServerSettings):
     # A request for n candidates re-scores refine_factor x n rows, at most max(n, this many):
     # a CPU budget per search. The factor is tuned at index_build.tuning.recall_at (100), and
     # at 1M items with fast-scan codes (factor 20) the 2,000 rows it re-scores there also find
-    # the exact top 500 at recall 0.95, where 20 x 500 rows would cost ~5x the time for +0.02
-    # (docs/benchmarks.md). Small catalogues stay under it (MovieLens 100K: 3 x 300 rows), and
+    # the exact top 500 at recall 0.95 in 1.2 ms, where 20 x 500 rows would cost 3.8 ms for
+    # +0.02 (docs/retrieval.md). Small catalogues stay under it (MovieLens 100K: 3 x 300 rows), and
     # capping them by depth instead cost the temporal protocol NDCG@10 0.3975 -> 0.3885.
     max_rescored_rows: int = Field(2000, ge=1)
     # FAISS OpenMP threads per search; 1 keeps concurrent requests from fighting over 2 cores.

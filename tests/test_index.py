@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -11,7 +13,15 @@ import numpy.typing as npt
 import pytest
 
 from retrieval_service.artifact import DEFAULT_NAME, IndexTables, load_index_artifact, write_index_artifact
-from retrieval_service.index import MIN_ITEMS_FOR_IVFPQ, VectorIndex, build_index, choose_layout, recall_against_exact
+from retrieval_service.index import (
+    EXACT_FRESH_ROWS,
+    MIN_ITEMS_FOR_IVFPQ,
+    VectorIndex,
+    build_index,
+    choose_layout,
+    float16_rescorer,
+    recall_against_exact,
+)
 from retrieval_service.vectors import normalise_rows
 from shared.artifacts import new_version
 from shared.config import IndexBuildSettings
@@ -185,6 +195,32 @@ def test_rescored_rows_are_capped_and_the_answer_still_fills_n() -> None:
     assert len(set(rows.tolist())) == len(rows) == 50
     assert np.all(np.diff(scores) <= 1e-6)
     assert rows[0] == 0  # the query's own item, scored exactly
+
+
+def test_rescoring_reads_the_float16_store_in_place_and_follows_it_when_it_grows() -> None:
+    rng = np.random.default_rng(8)
+    vectors = normalise_rows(rng.standard_normal((3000, 32)).astype(np.float32))
+    stored = vectors.astype(np.float16)
+    layout = choose_layout(len(vectors), 32, IndexBuildSettings())
+    index = VectorIndex(build_index(vectors, layout, seed=1, opq_iterations=1), stored, nprobe=16)
+    codes: Any = float16_rescorer(stored, len(stored)).codes  # the type stub predates MaybeOwnedVector
+    assert not codes.is_owned  # no second copy of the table
+
+    def assert_scores_are_the_stored_inner_products(query: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
+        rows, scores = index.search(query, 20)
+        assert len(rows) == 20
+        np.testing.assert_allclose(scores, index.decoded(rows) @ query[0], rtol=1e-5, atol=1e-6)
+        return rows
+
+    assert assert_scores_are_the_stored_inner_products(vectors[:1])[0] == 0
+    # More rows than are scored from their float32 copies: they come from the IVF lists and
+    # are re-scored from the store, which has moved (grown) meanwhile.
+    more = normalise_rows(rng.standard_normal((EXACT_FRESH_ROWS + 500, 32)).astype(np.float32))
+    new_rows = index.add(more)
+    del stored
+    gc.collect()  # the first buffer is gone: a stale view would score garbage
+    assert assert_scores_are_the_stored_inner_products(more[-1:])[0] == new_rows[-1]
+    assert assert_scores_are_the_stored_inner_products(vectors[1:2])[0] == 1
 
 
 def test_exclusions_larger_than_catalogue_return_what_is_left() -> None:
