@@ -41,7 +41,7 @@ from retrieval_service.artifact import IndexTables, describe_layout, load_index_
 from retrieval_service.index import IndexLayout, VectorIndex, build_index
 from retrieval_service.retriever import Candidates, QueryOptions, Retriever
 from retrieval_service.server import preferences as declared_preferences
-from retrieval_service.tuning import latency_percentiles, tune_search
+from retrieval_service.tuning import latency_percentiles, recall_of, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
 from shared.commands import start_server_process, vitrine_command
@@ -51,6 +51,8 @@ from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2
 
 log = logging.getLogger(__name__)
+
+WARM_UP_SEARCHES = 20
 
 START_TIMEOUT_S = 600.0
 TRAIN_CANDIDATES = 200
@@ -453,19 +455,32 @@ def floor(
     ), answers
 
 
-def rescore_lever(index: VectorIndex, queries: npt.NDArray[np.float32], shortlist: int, seed: int) -> dict[str, float]:
-    """Median ms to re-score a shortlist of ``shortlist`` random rows: numpy's float16 cast with
-    numpy's default BLAS threads (before) against FAISS's SIMD decode with one BLAS thread (now)."""
-    rng = np.random.default_rng(seed)
-    variants: dict[str, list[float]] = {"numpy_astype_default_blas": [], "faiss_decode_one_blas_thread": []}
-    for query in queries:
-        rows = rng.integers(0, index.size, shortlist)
-        with threadpool_limits(limits=os.cpu_count(), user_api="blas"):  # numpy's default
+def rescore_cap_lever(
+    root: Path, queries: npt.NDArray[np.float32], n: int, max_rescored_rows: int
+) -> dict[str, dict[str, float]]:
+    """The served search for ``n`` candidates (one FAISS thread) with the re-score capped at
+    ``max_rescored_rows`` rows (``retrieval.max_rescored_rows``, as served) and uncapped
+    (factor x n rows): rows re-scored, recall@n against exact search, p50 and p99 ms."""
+    faiss.omp_set_num_threads(1)
+    exact: npt.NDArray[np.int64] | None = None
+    variants: dict[str, dict[str, float]] = {}
+    for label, cap in (("capped", max_rescored_rows), ("uncapped", None)):
+        index = load_index_artifact(root, max_rescored_rows=cap).index
+        if exact is None:
+            exact = index.exact_search(queries, n)
+        for query in queries[:WARM_UP_SEARCHES]:  # a freshly loaded index answers its first searches cold
+            index.search(query[None, :], n)
+        found, timings = [], []
+        for query in queries:
             started = time.perf_counter()
-            _ = index.vectors[rows].astype(np.float32) @ query
-            variants["numpy_astype_default_blas"].append(time.perf_counter() - started)
-        with threadpool_limits(limits=1, user_api="blas"):
-            started = time.perf_counter()
-            _ = index.decoded(rows) @ query
-            variants["faiss_decode_one_blas_thread"].append(time.perf_counter() - started)
-    return {name: round(float(np.median(times)) * 1000.0, 3) for name, times in variants.items()}
+            rows, _ = index.search(query[None, :], n)
+            timings.append(time.perf_counter() - started)
+            found.append(rows)
+        p50, p99 = latency_percentiles(timings)
+        variants[label] = {
+            "rescored_rows": index.shortlist_size(n),
+            f"recall@{n}": round(recall_of(found, exact), 4),
+            "p50_ms": round(p50, 3),
+            "p99_ms": round(p99, 3),
+        }
+    return variants

@@ -27,7 +27,7 @@ from benchmarks.e2e import (
     floor,
     load_floor,
     recommend_queries,
-    rescore_lever,
+    rescore_cap_lever,
     rss_mb,
     start_service,
     wait_for_log,
@@ -38,7 +38,6 @@ from benchmarks.report import machine, update_doc, write_json
 from benchmarks.summary import summarise, targets
 from benchmarks.synthetic import history_queries, make_catalogue, make_dataset
 from ranking_service.artifact import load_ranker_artifact
-from retrieval_service.artifact import load_index_artifact
 from retrieval_service.index import IndexLayout
 from retrieval_service.tuning import layout_spec, parse_layout
 from shared.config import VitrineSettings, load_settings
@@ -230,11 +229,9 @@ def serve_and_floor(
         pipeline, load_s = load_floor(root, ranking_settings.model_copy(update={"compiled_trees": compiled_trees}))
         result, answers[compiled_trees] = floor(pipeline, floor_queries, bench.warm_up_requests)
         if compiled_trees and queries is not None:
-            index = load_index_artifact(root).index
-            payload["rescore_lever_ms"] = {
-                f"shortlist {n}": rescore_lever(index, queries[:50], n, SEED) for n in (1500, 5000)
-            }
-            del index
+            payload["rescore_cap_lever"] = rescore_cap_lever(
+                root, queries[:100], bench.candidates, settings.retrieval.max_rescored_rows
+            )
         result.load_s = round(load_s, 2)
         floors[compiled_trees] = result.__dict__
         event(log, "floor done", **result.__dict__)

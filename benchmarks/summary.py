@@ -207,13 +207,17 @@ def summarise(payload: dict[str, Any], settings: VitrineSettings, plot: Path) ->
             f"p99 {floor['p99_ms']} ms, {floor['throughput_rps']} requests/s. Mean per stage (ms): "
             f"{floor['stage_mean_ms']}.",
         ]
-        rescore = payload.get("rescore_lever_ms")
-        if rescore:
+        cap = payload.get("rescore_cap_lever")
+        if cap:
+            capped, uncapped = cap["capped"], cap["uncapped"]
+            recall = next(key for key in capped if key.startswith("recall@"))
             lines += [
                 "",
-                "Lever — exact re-score of the shortlist (median ms per request; numpy's float16 cast with "
-                f"numpy's default BLAS threads, before, against FAISS's SIMD float16 decode and one BLAS thread, now; "
-                f"same scores): {rescore}.",
+                f"Lever — the re-score cap (`retrieval.max_rescored_rows`, served above), the index alone, one "
+                f"thread, 100 history queries: {recall} {capped[recall]} from {capped['rescored_rows']:,} "
+                f"re-scored rows at p50 {capped['p50_ms']} ms (p99 {capped['p99_ms']}); uncapped, "
+                f"{uncapped[recall]} from {uncapped['rescored_rows']:,} rows at p50 {uncapped['p50_ms']} ms "
+                f"(p99 {uncapped['p99_ms']}).",
             ]
         plain = payload.get("floor_lightgbm_predict")
         if plain:
