@@ -24,7 +24,7 @@ from retrieval_service.index import (
 )
 from retrieval_service.vectors import normalise_rows
 from shared.artifacts import new_version
-from shared.config import IndexBuildSettings
+from shared.config import IndexBuildSettings, RetrievalSettings
 from tests.conftest import BuiltArtifacts
 
 # Stated threshold: IVF-PQ shortlist + exact re-scoring must find 95% of the exact top 100.
@@ -51,6 +51,19 @@ def test_recall_at_100_against_exact_search(artifacts: BuiltArtifacts) -> None:
     recall = recall_against_exact(loaded.index, queries, 100)
     assert recall >= RECALL_AT_100_THRESHOLD, f"recall@100 {recall:.3f} below {RECALL_AT_100_THRESHOLD}"
     assert artifacts.index.metrics["recall@100_vs_exact"] >= RECALL_AT_100_THRESHOLD
+
+
+def test_loaded_index_caps_the_rescored_rows_as_configured(artifacts: BuiltArtifacts) -> None:
+    """``retrieval.max_rescored_rows`` reaches the served index through the artifact loader."""
+    assert RetrievalSettings().max_rescored_rows == 2000
+    capped = load_index_artifact(artifacts.root, nprobe=8, refine_factor=10, max_rescored_rows=50).index
+    assert [capped.shortlist_size(n) for n in (3, 20, 100)] == [30, 50, 100]
+    uncapped = load_index_artifact(artifacts.root, nprobe=8, refine_factor=10).index
+    assert uncapped.shortlist_size(100) == 1000
+    query = capped.vectors[:1].astype(np.float32)
+    rows, scores = capped.search(query, 100)
+    assert len(set(rows.tolist())) == len(rows) == 100
+    assert np.all(np.diff(scores) <= 1e-6)
 
 
 def test_opq_layout_is_chosen_for_large_catalogues_only() -> None:
