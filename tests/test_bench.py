@@ -7,7 +7,15 @@ from pathlib import Path
 import faiss
 import pytest
 
-from benchmarks.e2e import build_artifacts, floor, load_floor, recommend_queries, rss_mb, start_service
+from benchmarks.e2e import (
+    build_artifacts,
+    floor,
+    load_floor,
+    recommend_queries,
+    rescore_cap_lever,
+    rss_mb,
+    start_service,
+)
 from benchmarks.index_bench import plot, run_index_bench
 from benchmarks.loadgen import closed_loop, open_loop
 from benchmarks.report import BEGIN, END, update_doc
@@ -155,6 +163,13 @@ def test_harness_serves_loads_and_measures_the_floor(tmp_path: Path) -> None:
     assert paced.requests == 5
     assert paced.throughput_rps <= 5 / (4 / 50.0)  # four gaps of 20 ms at least
     assert paced_answers == answers[:5]
+    # The re-score cap lever: the same search with fewer rows re-scored finds no more.
+    n = TINY.candidates
+    lever = rescore_cap_lever(root, queries[:10], n, max_rescored_rows=n)
+    capped, uncapped = lever["capped"], lever["uncapped"]
+    assert capped["rescored_rows"] == n < uncapped["rescored_rows"]
+    assert 0 < capped[f"recall@{n}"] <= uncapped[f"recall@{n}"] <= 1
+    assert capped["p50_ms"] > 0
 
 
 def test_doc_section_replaced_between_markers(tmp_path: Path) -> None:
