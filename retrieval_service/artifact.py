@@ -153,6 +153,7 @@ def build_index_artifacts(
     global_rank[popular_rows] = np.arange(n_items, dtype=np.int32)
 
     source_tables = global_tables(dataset, events, cutoff, settings)
+    item_model = source_tables.item_model_settings
     item_shard = shard_assignments(catalog.item_ids.tolist(), shards)
     user_shard = shard_assignments(dataset.users.user_ids.tolist(), shards)
     version = new_version()
@@ -166,8 +167,10 @@ def build_index_artifacts(
         "collaborative_dim": int(collaborative.item_factors.shape[1]),
         "build": settings.model_dump(),
         "collaborative_tuning": tuning.describe() if tuning else None,
-        # The item_model source's L2 (tuned at build), None: no item model (too many items).
-        "item_model_l2": source_tables.item_model_l2,
+        # The item_model source's L2 and session gap (tuned at build), None: no item model
+        # (too many items).
+        "item_model_l2": item_model.l2 if item_model else None,
+        "item_model_session_gap_s": item_model.session_gap_s if item_model else None,
         **(extra_params or {}),
     }
     artifacts = []

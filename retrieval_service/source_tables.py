@@ -29,7 +29,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 
 from shared.artifacts import Artifact, ArtifactWriter
-from shared.config import CovisitationSettings, IndexBuildSettings
+from shared.config import CovisitationSettings, IndexBuildSettings, ItemModelSettings
 from shared.data import Dataset, Events
 from shared.interactions import recency_weights
 from shared.item_model import fit_item_model, tuned_item_model
@@ -49,9 +49,10 @@ class GlobalTables:
     brand_names: npt.NDArray[np.str_]
     trending: npt.NDArray[np.float32]
     covisitation: sp.csr_matrix
-    # EASE weights (empty: too many items for an item model) and the L2 they were fitted with.
+    # EASE weights (empty: too many items for an item model) and the (tuned) settings they
+    # were fitted with (None: no item model).
     item_model: sp.csr_matrix
-    item_model_l2: float | None
+    item_model_settings: ItemModelSettings | None
     # Per user: recent item rows and their recency x intent weights (CSR by user).
     history_indptr: npt.NDArray[np.int64]
     history_rows: npt.NDArray[np.int32]
@@ -235,7 +236,7 @@ def global_tables(dataset: Dataset, events: Events, cutoff: int, settings: Index
         trending=decayed_counts(events, len(catalog), cutoff, settings.trending_half_life_days),
         covisitation=covisitation_matrix(events, len(catalog), cutoff, settings.covisitation),
         item_model=item_model if item_model is not None else sp.csr_matrix((len(catalog), len(catalog)), np.float32),
-        item_model_l2=item_model_settings.l2 if item_model is not None else None,
+        item_model_settings=item_model_settings if item_model is not None else None,
         history_indptr=indptr,
         history_rows=rows,
         history_weights=weights,

@@ -27,7 +27,7 @@ from shared.config import ItemModelSettings, RankerBuildSettings, VitrineSetting
 from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.evaluation.baselines import EASE_BASELINE, ease_weights
 from shared.interactions import event_weights
-from shared.item_model import fit_item_model
+from shared.item_model import fit_item_model, session_index, tuned_item_model
 from tests.conftest import BuiltArtifacts, Servers
 from tests.fakes import HashingEmbedder
 from tests.ranking_helpers import tiny_item_table
@@ -88,7 +88,8 @@ def test_item_model_is_the_ease_baseline_kept_to_its_strongest_weights() -> None
     rng = np.random.default_rng(3)
     users, items = rng.integers(0, 40, 400), rng.integers(0, 12, 400)
     # Catalogue of 20 items, 12 of them with events: the inverse is over those 12 only.
-    model = fit_item_model(_events(users.tolist(), items.tolist()), 20, ItemModelSettings(l2=5.0, neighbours=4))
+    settings = ItemModelSettings(l2=5.0, neighbours=4, session_weight=0.0)
+    model = fit_item_model(_events(users.tolist(), items.tolist()), 20, settings)
     assert model is not None
     assert model.shape == (20, 20)
     active = np.unique(items)
@@ -102,6 +103,61 @@ def test_item_model_is_the_ease_baseline_kept_to_its_strongest_weights() -> None
         # Kept by magnitude: negative weights (what the history speaks against) count too.
         assert set(kept) == set(np.argsort(-np.abs(full[row]))[:4])
         np.testing.assert_allclose(dense[row, kept], full[row, kept], rtol=1e-6)
+
+
+def _session_events() -> Events:
+    # User 0: items 0, 1 at t 0 and 30 (one page), item 2 at t 1000; a second session id at
+    # t 1010 (item 3). User 1: items 1, 2 at t 5 and 40 with the same session id as user 0.
+    return Events(
+        user_index=np.asarray([0, 1, 0, 1, 0, 0], np.int32),
+        item_index=np.asarray([0, 1, 1, 2, 2, 3], np.int32),
+        event_code=np.full(6, VIEW, np.int8),
+        timestamp=np.asarray([0, 5, 30, 40, 1000, 1010], np.int64),
+        device=np.full(6, "web"),
+        session_id=np.asarray(["a", "a", "a", "a", "a", "b"]),
+    )
+
+
+def test_sessions_are_one_users_events_of_one_session_id_cut_at_idle_gaps() -> None:
+    events = _session_events()
+    session = session_index(events, gap_s=60)
+    # Events in order: (u0, 0), (u1, 5), (u0, 30), (u1, 40), (u0, 1000), (u0, 1010, "b").
+    assert session[0] == session[2]  # 30 s apart
+    assert session[1] == session[3]  # user 1's own page
+    assert len({session[0], session[1], session[4], session[5]}) == 4  # other user, idle gap, other id
+    wide = session_index(events, gap_s=1800)
+    assert wide[0] == wide[2] == wide[4] != wide[5]
+    assert len(np.unique(session_index(events, gap_s=0))) == 6
+
+
+def test_item_model_is_ease_over_user_rows_and_scaled_session_rows() -> None:
+    events = _session_events()
+    settings = ItemModelSettings(l2=0.5, neighbours=3, session_weight=2.0, session_gap_s=60)
+    users = sp.csr_matrix(np.asarray([[1, 1, 1, 1], [0, 1, 1, 0]], np.float32))
+    # Sessions (their order does not matter to the Gram): u0 {0, 1}, u0 {2}, u0 "b" {3},
+    # u1 {1, 2}; the user rows have 6 entries.
+    sessions = np.asarray([[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 1, 1, 0]], np.float32)
+    lengths = sessions.sum(axis=1, keepdims=True)
+    scaled = sessions * np.sqrt(2.0 * 6 / 4 / lengths)
+    # Together the session rows weigh session_weight times the user rows (Gram traces).
+    assert (scaled**2).sum() == pytest.approx(2.0 * users.multiply(users).sum())
+    expected = ease_weights(sp.vstack([users, sp.csr_matrix(scaled)], format="csr"), 0.5)
+    model = fit_item_model(events, 4, settings)
+    assert model is not None
+    np.testing.assert_allclose(model.toarray(), expected, rtol=1e-5, atol=1e-7)
+    without = fit_item_model(events, 4, settings.model_copy(update={"session_weight": 0.0}))
+    assert without is not None
+    np.testing.assert_allclose(without.toarray(), ease_weights(users, 0.5), rtol=1e-5, atol=1e-7)
+
+
+def test_tuning_picks_the_session_gap_with_l2(dataset: Dataset) -> None:
+    settings = ItemModelSettings(session_gaps_s=[60, 1800], session_gap_s=7)
+    tuned = tuned_item_model(dataset, settings, seed=3)
+    assert tuned.session_gap_s in (60, 1800)
+    assert tuned.l2 in EASE_BASELINE.grid["l2"]
+    # Without sessions there is no gap to tune.
+    users_only = tuned_item_model(dataset, settings.model_copy(update={"session_weight": 0.0}), seed=3)
+    assert users_only.session_gap_s == 7
 
 
 def test_no_item_model_above_the_item_limit() -> None:

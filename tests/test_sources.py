@@ -146,11 +146,19 @@ def test_item_model_source_is_ease_over_the_history(
     """The item_model source proposes the items with the largest sums of the index's EASE
     weights over the history items, each item counting once whatever its weight."""
     manifest = open_current(artifacts.root, "index").manifest["params"]
-    assert manifest["item_model_l2"] in EASE_BASELINE.grid["l2"]  # tuned by the build
+    # Tuned by the build.
+    assert manifest["item_model_l2"] in EASE_BASELINE.grid["l2"]
+    assert manifest["item_model_session_gap_s"] in manifest["build"]["item_model"]["session_gaps_s"]
     model = fit_item_model(
         dataset.events.before(manifest["cutoff"]),
         len(dataset.catalog),
-        ItemModelSettings.model_validate({**manifest["build"]["item_model"], "l2": manifest["item_model_l2"]}),
+        ItemModelSettings.model_validate(
+            {
+                **manifest["build"]["item_model"],
+                "l2": manifest["item_model_l2"],
+                "session_gap_s": manifest["item_model_session_gap_s"],
+            }
+        ),
     )
     assert model is not None
     history = _history(dataset, length=8)

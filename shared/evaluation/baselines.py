@@ -80,12 +80,15 @@ def ease_weights(matrix: sp.csr_matrix, l2: float, max_items: int = EASE_MAX_ITE
 class EASE:
     """Embarrassingly Shallow Autoencoder (Steck, 2019): closed-form item-item weights."""
 
-    def __init__(self, l2: float) -> None:
+    def __init__(self, l2: float, extra_rows: sp.csr_matrix | None = None) -> None:
         self._l2 = l2
+        # Rows fitted on beside the users' (the item model's sessions), never scored.
+        self._extra_rows = extra_rows
 
     def fit(self, matrix: sp.csr_matrix) -> None:
         self._matrix = matrix
-        self._weights = ease_weights(matrix, self._l2)
+        fitted = matrix if self._extra_rows is None else sp.vstack([matrix, self._extra_rows], format="csr")
+        self._weights = ease_weights(fitted, self._l2)
 
     def scores(self, users: npt.NDArray[np.int64]) -> Scores:
         return np.asarray(self._matrix[users] @ self._weights, dtype=np.float32)
