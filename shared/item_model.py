@@ -104,35 +104,39 @@ def fit_item_model(events: Events, n_items: int, settings: ItemModelSettings) ->
 def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -> ItemModelSettings:
     """``settings`` with ``l2`` (over the EASE baseline's grid) and, when sessions count,
     ``session_gap_s`` (over ``session_gaps_s``) tuned as the evaluation tunes its EASE
-    baseline: NDCG@10 on a random per-user split of ``dataset``'s events. Unchanged when
-    tuning is off or more than ``tune_max_items`` items have events."""
+    baseline, by NDCG@10 on random per-user splits of ``dataset``'s events: the mean over
+    ``tune_splits`` splits (seeds ``seed``, ``seed + 1``, ...). Unchanged when tuning is off
+    or more than ``tune_max_items`` items have events."""
     active = np.unique(dataset.events.item_index)
     if not settings.tune or not len(active) or len(active) > min(settings.tune_max_items, settings.max_items):
         return settings
-    validation = split(dataset, "random", seed)
-    users = validation.evaluated_users
-    if not len(users):
-        return settings
     column = np.full(len(dataset.catalog), -1, dtype=np.int32)
     column[active] = np.arange(len(active), dtype=np.int32)
-    held_out: list[npt.NDArray[np.int32]] = [column[items] for items in validation.test_items]
-    train = validation.train_matrix()[:, active].tocsr()
-    train_events = validation.train.events
-    best: tuple[float, ItemModelSettings] | None = None
-    for gap_s in settings.session_gaps_s if settings.session_weight > 0 else [settings.session_gap_s]:
-        candidate = settings.model_copy(update={"session_gap_s": gap_s})
-        sessions = session_rows(train_events, column[train_events.item_index], len(active), train.nnz, candidate)
-        baseline = replace(EASE_BASELINE, build=functools.partial(EASE, extra_rows=sessions))
-        tuned = tune(baseline, train, held_out, users, TUNING_K)
-        if best is None or tuned.validation_ndcg > best[0]:
-            best = (tuned.validation_ndcg, candidate.model_copy(update={"l2": float(tuned.params["l2"])}))
-    assert best is not None  # session_gaps_s has at least one value
-    validation_ndcg, chosen = best
+    gaps = settings.session_gaps_s if settings.session_weight > 0 else [settings.session_gap_s]
+    ndcgs: dict[tuple[int, float], list[float]] = {}
+    for offset in range(settings.tune_splits):
+        validation = split(dataset, "random", seed + offset)
+        users = validation.evaluated_users
+        if not len(users):
+            continue
+        held_out: list[npt.NDArray[np.int32]] = [column[items] for items in validation.test_items]
+        train = validation.train_matrix()[:, active].tocsr()
+        train_events = validation.train.events
+        for gap_s in gaps:
+            candidate = settings.model_copy(update={"session_gap_s": gap_s})
+            sessions = session_rows(train_events, column[train_events.item_index], len(active), train.nnz, candidate)
+            baseline = replace(EASE_BASELINE, build=functools.partial(EASE, extra_rows=sessions))
+            for params, ndcg in tune(baseline, train, held_out, users, TUNING_K).trials:
+                ndcgs.setdefault((gap_s, float(params["l2"])), []).append(ndcg)
+    if not ndcgs:
+        return settings
+    (gap_s, l2), best = max(ndcgs.items(), key=lambda trial: float(np.mean(trial[1])))
     event(
         log,
         "item model tuned",
-        l2=chosen.l2,
-        session_gap_s=chosen.session_gap_s if chosen.session_weight > 0 else None,
-        validation_ndcg=round(validation_ndcg, 4),
+        l2=l2,
+        session_gap_s=gap_s if settings.session_weight > 0 else None,
+        validation_ndcg=round(float(np.mean(best)), 4),
+        splits=len(best),
     )
-    return chosen
+    return settings.model_copy(update={"l2": l2, "session_gap_s": gap_s})
