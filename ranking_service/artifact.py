@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_int
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
 from shared.config import RankerBuildSettings
 from shared.data import Dataset, Events
-from shared.item_model import fit_item_model
+from shared.item_model import fit_item_model, tuned_item_model
 from shared.logs import event
 
 log = logging.getLogger(__name__)
@@ -72,13 +72,17 @@ def write_ranker_artifact(
         settings = recorded_build_settings(params, root)
         neighbours = co_interactions(events, len(items), settings)
         # EASE weights of the snapshot (an empty matrix: too many items for an item model).
-        weights = fit_item_model(events, len(items), settings.item_model)
+        # Training tuned the item model on its history events; the served one is fitted on
+        # the whole snapshot, so it is tuned again on those events, as retrieval's is.
+        item_model = tuned_item_model(replace(dataset, events=events), settings.item_model, settings.seed)
+        weights = fit_item_model(events, len(items), item_model)
         if weights is None:
             weights = sp.csr_matrix((len(items), len(items)), dtype=np.float32)
         for matrix_name, matrix in (("co_interactions", neighbours), ("item_model", weights)):
             for part in _NEIGHBOUR_PARTS:
                 writer.save_array(f"stats/{matrix_name}_{part}.npy", getattr(matrix, part))
-        artifact = writer.commit(KIND, {**params, "snapshot_at": snapshot_at}, metrics)
+        served = {"snapshot_at": snapshot_at, "item_model": item_model.model_dump()}
+        artifact = writer.commit(KIND, {**params, **served}, metrics)
     event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
 

@@ -36,6 +36,10 @@ from tests.redis_helpers import RedisServer, free_port, start_redis, stop_redis
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__FACTORS", "[16]")
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__REGULARIZATION", "[1.0, 10.0]")
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__ALPHA", "[1.0]")
+# Likewise the item model's tuning runs on one validation split instead of three (its
+# averaging is tested in test_item_model.py with explicit settings).
+for _build in ("INDEX_BUILD", "RANKER_BUILD"):
+    os.environ.setdefault(f"VITRINE_{_build}__ITEM_MODEL__TUNE_SPLITS", "1")
 
 TEST_DATA = GeneratorConfig(seed=11, n_items=2000, n_users=800, n_events=60_000)
 

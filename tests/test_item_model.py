@@ -204,9 +204,13 @@ def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
 ) -> None:
     loaded = load_ranker_artifact(artifacts.root)
     recorded = RankerBuildSettings.model_validate(artifacts.ranker.params["ranker_build"])
-    # The build tuned lambda on its feature events over the EASE baseline's grid.
+    # Training tuned lambda on its feature events over the EASE baseline's grid, and the
+    # served item model was tuned again on the snapshot it is fitted on.
     assert recorded.item_model.l2 in EASE_BASELINE.grid["l2"]
-    expected = fit_item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), recorded.item_model)
+    served = ItemModelSettings.model_validate(artifacts.ranker.params["item_model"])
+    assert served.l2 in EASE_BASELINE.grid["l2"]
+    assert served.session_gap_s in served.session_gaps_s
+    expected = fit_item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), served)
     stored = loaded.stats.item_model
     assert expected is not None
     assert stored is not None
