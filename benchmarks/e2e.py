@@ -291,6 +291,7 @@ def build_artifacts(
             "ranker_build": ranker_settings.model_dump(),
         },
         {"train_requests": bench.ranker_requests, "train_seconds": round(ranker_train_s, 2)},
+        ranker_settings.item_model,
     )
     event(log, "bench ranker artifact written", trees=booster.num_trees(), train_s=round(ranker_train_s, 1))
     return BuiltArtifacts(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
 from ranking_service.scoring import RankerModel, score_prior
 from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
-from shared.config import RankerBuildSettings
+from shared.config import ItemModelSettings, RankerBuildSettings
 from shared.data import Dataset, Events
-from shared.item_model import fit_item_model, tuned_item_model
+from shared.item_model import fit_item_model
 from shared.logs import event
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,11 @@ def write_ranker_artifact(
     snapshot_at: int,
     params: dict[str, Any],
     metrics: dict[str, Any],
+    item_model: ItemModelSettings,
     name: str = DEFAULT_NAME,
 ) -> Artifact:
+    """The ranker artifact; ``item_model``: the settings of the item model fitted on the
+    event snapshot and served with the ranker (recorded as ``params.item_model``)."""
     with ArtifactWriter(root, name) as writer:
         booster.save_model(str(writer.path("model.txt")))
         writer.save_json("features.json", {"names": list(FEATURE_NAMES), "categorical": list(CATEGORICAL_FEATURES)})
@@ -68,13 +71,15 @@ def write_ranker_artifact(
         writer.save_array("events/item_index.npy", events.item_index)
         writer.save_array("events/event_code.npy", events.event_code)
         writer.save_array("events/timestamp.npy", events.timestamp)
+        # Sessions shape the item model (shared/item_model.py) that train-ranker --from-logs
+        # refits on this snapshot; only equality matters, so codes rather than the ids.
+        writer.save_array(
+            "events/session_code.npy", np.unique(events.session_id, return_inverse=True)[1].astype(np.int32)
+        )
         # Computed here, once per build, rather than at every start-up (seconds at 1M items).
         settings = recorded_build_settings(params, root)
         neighbours = co_interactions(events, len(items), settings)
         # EASE weights of the snapshot (an empty matrix: too many items for an item model).
-        # Training tuned the item model on its history events; the served one is fitted on
-        # the whole snapshot, so it is tuned again on those events, as retrieval's is.
-        item_model = tuned_item_model(replace(dataset, events=events), settings.item_model, settings.seed)
         weights = fit_item_model(events, len(items), item_model)
         if weights is None:
             weights = sp.csr_matrix((len(items), len(items)), dtype=np.float32)
@@ -109,6 +114,15 @@ def checked_model_text(path: Path) -> str:
     ):
         raise ArtifactError(f"{path}: incomplete or damaged LightGBM model; refusing to load it")
     return text
+
+
+def served_item_model_settings(params: dict[str, Any], where: Path) -> ItemModelSettings:
+    """The settings of the item model a ranker artifact serves: recorded on their own since
+    the build tunes them on the snapshot; older artifacts fitted it with their build's."""
+    recorded = params.get("item_model")
+    if recorded is None:
+        return recorded_build_settings(params, where).item_model
+    return ItemModelSettings.model_validate(recorded)
 
 
 def recorded_build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
@@ -197,17 +211,25 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
     return loaded
 
 
-def _load_events(artifact: Artifact) -> Events:
-    """The artifact's event snapshot (ids as rows; see write_ranker_artifact)."""
+def _load_events(artifact: Artifact, with_sessions: bool = False) -> Events:
+    """The artifact's event snapshot (ids as rows; see write_ranker_artifact). Session ids
+    (as their codes) only ``with_sessions``: serving does not use them, refitting the item
+    model does; artifacts written before they were stored give every event the same one."""
     timestamps = artifact.load_array("events/timestamp.npy")
+    no_sessions = np.zeros(len(timestamps), dtype="<U1")
+    sessions = (
+        artifact.load_array("events/session_code.npy").astype(np.str_)
+        if with_sessions and "events/session_code.npy" in artifact.manifest["files"]
+        else no_sessions
+    )
     return Events(
         user_index=artifact.load_array("events/user_index.npy"),
         item_index=artifact.load_array("events/item_index.npy"),
         event_code=artifact.load_array("events/event_code.npy"),
         timestamp=timestamps,
         # Not used by ranking features; kept out of the artifact to keep it small.
-        device=np.zeros(len(timestamps), dtype="<U1"),
-        session_id=np.zeros(len(timestamps), dtype="<U1"),
+        device=no_sessions,
+        session_id=sessions,
     )
 
 
@@ -227,7 +249,7 @@ class RankerSnapshot:
 def load_ranker_snapshot(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> RankerSnapshot:
     artifact = open_artifact(root, name, KIND, version)
     items = ItemTable(**{field: artifact.load_array(f"items/{field}.npy") for field in _ITEM_FIELDS})
-    events = _load_events(artifact)
+    events = _load_events(artifact, with_sessions=True)
     return RankerSnapshot(
         version=artifact.version,
         items=items,

@@ -33,6 +33,7 @@ from ranking_service.artifact import (
     RankerSnapshot,
     load_ranker_snapshot,
     recorded_build_settings,
+    served_item_model_settings,
     write_ranker_artifact,
 )
 from ranking_service.candidates import CandidateStage
@@ -426,6 +427,11 @@ def train_ranker_artifact(
         "train_seconds": round(time.perf_counter() - started, 2),
     }
     snapshot_at = int(dataset.events.timestamp.max()) + 1
+    # Training tuned the item model on its history events; the served one is fitted on the
+    # whole snapshot, so it is tuned again on those events, as retrieval's is (ML-100k: L2
+    # 1000 on the history, 500 on the snapshot; docs/evaluation.md).
+    snapshot = replace(dataset, events=dataset.events.before(snapshot_at))
+    served_item_model = tuned_item_model(snapshot, settings.item_model, settings.seed)
     params = {
         "dataset": dataset.name,
         "cutoff": cutoff,
@@ -436,7 +442,7 @@ def train_ranker_artifact(
         "lightgbm": lgb_params,
         "feature_importance_gain": importance(model.booster),
     }
-    return write_ranker_artifact(root, model.booster, items, dataset, snapshot_at, params, metrics)
+    return write_ranker_artifact(root, model.booster, items, dataset, snapshot_at, params, metrics, served_item_model)
 
 
 # -- training from captured logs (vitrine train-ranker --from-logs) -----------------------------
@@ -548,7 +554,10 @@ def snapshot_with_logged_events(snapshot: RankerSnapshot, events: list[dict[str,
         event_code=codes[order],
         timestamp=timestamps[order],
         device=np.zeros(len(order), dtype="<U1"),
-        session_id=np.zeros(len(order), dtype="<U1"),
+        # Prefixed: a logged id must not match a snapshot session's code.
+        session_id=np.concatenate(
+            [base.session_id, np.asarray([f"logged:{r.get('session_id', '')}" for r in new_events], dtype=np.str_)]
+        )[order],
     )
     n_items = len(items)
     catalog = Catalog(
@@ -625,4 +634,7 @@ def train_ranker_from_logs(
         "lightgbm": lgb_params,
         "feature_importance_gain": importance(model.booster),
     }
-    return write_ranker_artifact(root, model.booster, snapshot.items, dataset, snapshot_at, params, metrics)
+    # The logged features came from the base's item model: the new one is refitted on the
+    # grown snapshot with the base's settings, not tuned again.
+    item_model = served_item_model_settings(snapshot.params, root)
+    return write_ranker_artifact(root, model.booster, snapshot.items, dataset, snapshot_at, params, metrics, item_model)

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from ranking_service.artifact import KIND as RANKER_KIND
-from ranking_service.artifact import load_ranker_artifact
+from ranking_service.artifact import load_ranker_artifact, load_ranker_snapshot
 from ranking_service.capture import header
 from ranking_service.features import FEATURE_NAMES
 from ranking_service.online import InMemoryUserState, OnlineEvent, merged_history
@@ -423,9 +423,16 @@ def test_train_ranker_from_captured_logs_serves(
     trained = open_artifact(root, "ranker", RANKER_KIND)
     assert trained.version != artifacts.ranker.version
     assert trained.params["base_version"] == artifacts.ranker.version
+    # The logged features came from the base's item model: refitted with its settings, not tuned again.
+    assert trained.params["item_model"] == artifacts.ranker.params["item_model"]
     assert trained.metrics["train_requests_with_relevant_candidate"] >= 20
     loaded = load_ranker_artifact(root, version=trained.version)
     assert loaded.snapshot_at > now  # the logged events are in the new snapshot
+    # Logged events keep sessions of their own, apart from the base snapshot's.
+    grown = load_ranker_snapshot(root, version=trained.version).events
+    logged = grown.timestamp >= load_ranker_snapshot(artifacts.root, version=artifacts.ranker.version).snapshot_at
+    assert logged.any()
+    assert not set(grown.session_id[logged]) & set(grown.session_id[~logged])
     assert current_version(root, "ranker") == trained.version
     served = start_ranking_server(
         RankingSettings(

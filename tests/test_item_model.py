@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from ranking_service.artifact import load_ranker_artifact
+from ranking_service.artifact import load_ranker_artifact, load_ranker_snapshot, served_item_model_settings
 from ranking_service.candidates import CandidateStage
 from ranking_service.features import FEATURE_INDEX, CandidateSet, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
@@ -219,6 +219,25 @@ def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
     # The trees were trained from the item model's prior, and serving adds it back.
     assert loaded.model.prior == ScorePrior("item_model_relative", recorded.prior_weight)
     assert artifacts.ranker.params["lightgbm"]["prior"] == {"feature": "item_model_relative", "weight": 2.0}
+
+
+def test_ranker_snapshot_keeps_each_events_session(dataset: Dataset, artifacts: BuiltArtifacts) -> None:
+    """train-ranker --from-logs refits the item model on the snapshot: its sessions must be
+    the build's (stored as codes: the same partition of the events)."""
+    snapshot = load_ranker_snapshot(artifacts.root, version=artifacts.ranker.version)
+    stored, original = snapshot.events.session_id, dataset.events.before(snapshot.snapshot_at).session_id
+    assert len(stored) == len(original)
+    pairs = np.char.add(np.char.add(stored, "|"), original)
+    assert len(np.unique(stored)) == len(np.unique(original)) == len(np.unique(pairs)) > 1
+
+
+def test_served_item_model_settings_fall_back_to_the_build_for_older_artifacts(tmp_path: Path) -> None:
+    build = RankerBuildSettings(item_model=ItemModelSettings(l2=123.0))
+    served = ItemModelSettings(l2=500.0, session_gap_s=60)
+    params = {"ranker_build": build.model_dump(), "item_model": served.model_dump()}
+    assert served_item_model_settings(params, tmp_path) == served
+    del params["item_model"]  # written before the served item model was tuned on its own
+    assert served_item_model_settings(params, tmp_path) == build.item_model
 
 
 def test_tampered_item_model_is_refused(artifacts: BuiltArtifacts, tmp_path: Path) -> None:
