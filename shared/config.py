@@ -117,14 +117,16 @@ class ItemModelSettings(BaseModel):
     # A session is one user's events with one session_id, cut wherever two events are more
     # than this many seconds apart (the tuned value when tune; see session_gaps_s).
     session_gap_s: int = Field(1800, ge=0)
-    # Tuned with l2 on the validation split: page-by-page feedback (MovieLens's same-minute
-    # batches) and browsing sessions (30 minutes idle) are both common.
+    # Tuned (on the first validation split, at l2, before l2 is tuned): page-by-page
+    # feedback (MovieLens's same-minute batches) and browsing sessions (30 minutes idle)
+    # are both common.
     session_gaps_s: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [60, 1800], min_length=1)
     tune: bool = True
     tune_max_items: int = Field(5_000, ge=0)
-    # Tuning averages NDCG@10 over this many validation splits: on one split, neighbouring
-    # l2 values differ by less than that split's noise (on the ranker's feature events of
-    # MovieLens 100K, one split picked 1000; three agree on 300-500, 0.0007 above 1000).
+    # l2 is tuned by the mean NDCG@10 of this many validation splits: on one split,
+    # neighbouring l2 values differ by less than that split's noise (on the ranker's
+    # feature events of MovieLens 100K, one split picked 1000; three agree on 300-500,
+    # 0.0007 above 1000).
     tune_splits: int = Field(3, ge=1)
 
 
