@@ -216,11 +216,11 @@ def _load_events(artifact: Artifact, with_sessions: bool = False) -> Events:
     (as their codes) only ``with_sessions``: serving does not use them, refitting the item
     model does; artifacts written before they were stored give every event the same one."""
     timestamps = artifact.load_array("events/timestamp.npy")
-    no_sessions = np.zeros(len(timestamps), dtype="<U1")
+    blank = np.zeros(len(timestamps), dtype="<U1")
     sessions = (
         artifact.load_array("events/session_code.npy").astype(np.str_)
         if with_sessions and "events/session_code.npy" in artifact.manifest["files"]
-        else no_sessions
+        else blank
     )
     return Events(
         user_index=artifact.load_array("events/user_index.npy"),
@@ -228,7 +228,7 @@ def _load_events(artifact: Artifact, with_sessions: bool = False) -> Events:
         event_code=artifact.load_array("events/event_code.npy"),
         timestamp=timestamps,
         # Not used by ranking features; kept out of the artifact to keep it small.
-        device=no_sessions,
+        device=blank,
         session_id=sessions,
     )
 
