@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from contextlib import ExitStack
 from pathlib import Path
 
 from shared.cli import Command, CommandRegistry, add_label_split_argument, add_server_arguments, server_overrides
+from shared.logs import event
+
+log = logging.getLogger(__name__)
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +110,7 @@ def _configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from ranking_service.scoring import wait_for_compiles
     from ranking_service.server import SERVICE_NAME, start_ranking_server
     from shared.config import load_settings
     from shared.grpc_server import serve_until_signalled, write_port_file
@@ -122,6 +127,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     running = start_ranking_server(settings.ranking)
     write_port_file(args.port_file, running.port)
     serve_until_signalled(running)
+    if not wait_for_compiles(settings.ranking.exit_compile_wait_s):
+        event(log, "exiting during a ranker compile", level=logging.WARNING)
     return 0
 
 

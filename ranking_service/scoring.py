@@ -47,6 +47,16 @@ PROBE_VALUE_RANGE = 30.0
 _COMPILE_TURN = threading.Lock()
 
 
+def wait_for_compiles(timeout_s: float) -> bool:
+    """Wait until no compile runs (False when one still ran after ``timeout_s``). A serving
+    process calls it before it exits: a daemon compile thread still inside LLVM while the
+    interpreter finalises can crash it (exit -11 on SIGTERM, seen once in CI)."""
+    if not _COMPILE_TURN.acquire(timeout=timeout_s):
+        return False
+    _COMPILE_TURN.release()
+    return True
+
+
 @dataclass(frozen=True)
 class ScorePrior:
     """The score the trees start from: ``weight`` x the feature ``feature``."""

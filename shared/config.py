@@ -598,6 +598,9 @@ class RankingSettings(ServerSettings):
     # Compile the ranker's trees (lleaves) in the background after loading and use them once
     # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
     compiled_trees: bool = True
+    # On exit, wait this long for a running compile of the trees to finish (the process can
+    # crash if it exits while one runs); below the 30 s a supervisor gives a SIGTERM.
+    exit_compile_wait_s: float = Field(20.0, ge=0)
     # LogEvents: at most this many events per call.
     max_events_per_batch: int = Field(1000, ge=1)
     online_state: OnlineStateSettings = OnlineStateSettings()

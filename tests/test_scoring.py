@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 
 from ranking_service import scoring
 from ranking_service.features import FEATURE_NAMES
-from ranking_service.scoring import RankerModel, ScorePrior, Scorer, score_prior
+from ranking_service.scoring import RankerModel, ScorePrior, Scorer, score_prior, wait_for_compiles
 from shared.config import RankerBuildSettings
 
 COMPILE_TIMEOUT_S = 60.0
@@ -106,3 +107,22 @@ def test_prior_from_settings_names_a_feature_or_is_off() -> None:
     assert score_prior(RankerBuildSettings(prior_weight=0.0)) is None
     with pytest.raises(ValueError, match="'item_model_scor' is not a ranking feature"):
         score_prior(RankerBuildSettings(prior_feature="item_model_scor"))
+
+
+def test_exit_waits_for_a_running_compile_and_gives_up_after_its_timeout() -> None:
+    assert wait_for_compiles(0.0)  # nothing compiling
+    compiling, finish = threading.Event(), threading.Event()
+
+    def compile_turn() -> None:
+        with scoring._COMPILE_TURN:  # what a compile holds while it runs
+            compiling.set()
+            finish.wait(10)
+
+    worker = threading.Thread(target=compile_turn)
+    worker.start()
+    compiling.wait(10)
+    assert not wait_for_compiles(0.1)
+    finish.set()
+    assert wait_for_compiles(10)
+    worker.join()
+    assert wait_for_compiles(0.0)  # the turn is free again for later compiles
