@@ -402,6 +402,10 @@ def train_ranker_artifact(
     the index built without draw i's labels), fit on the pooled training requests, and
     compare with the retrieval order on draw 0's holdout users."""
     started = time.perf_counter()
+    # The item model fits sessions only for the tasks they help (an explicit cutoff is a
+    # time split); the served copy and train-ranker --from-logs inherit the choice.
+    task = "global" if cutoff is not None else settings.label_split
+    settings = settings.model_copy(update={"item_model": settings.item_model.for_label_split(task)})
     draws = settings.label_draw_count(cutoff)
     if len(retrievals) != draws:
         raise ValueError(

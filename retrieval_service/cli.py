@@ -60,6 +60,10 @@ def _run_build(args: argparse.Namespace) -> int:
         },
     )
     build = settings.ranker_build
+    # The item model fits sessions only for the tasks they help (the ranker's label split).
+    index_build = settings.index_build.model_copy(
+        update={"item_model": settings.index_build.item_model.for_label_split(build.label_split)}
+    )
     if args.label_draw and not args.without_ranker_labels:
         raise SystemExit("build-index: --label-draw needs --without-ranker-labels")
     if not 0 <= args.label_draw < build.label_draw_count():
@@ -73,7 +77,7 @@ def _run_build(args: argparse.Namespace) -> int:
         dataset = dataclasses.replace(dataset, events=dataset.events.select(~labels))
     # Catalogue changes made on the serving index (UpsertItems...) are folded in first;
     # the manifest records how far, so the server carries over only what came later.
-    shards = settings.index_build.shards
+    shards = index_build.shards
     update_logs = update_log_store(settings.retrieval.updates, args.out)
     try:
         folded = fold_into_dataset(
@@ -86,7 +90,7 @@ def _run_build(args: argparse.Namespace) -> int:
         folded.dataset,
         embedder,
         args.out,
-        settings.index_build,
+        index_build,
         args.name,
         args.cutoff,
         shards,

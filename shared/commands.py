@@ -120,7 +120,8 @@ def training_index_name(draw: int) -> str:
 def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
     """Training index (without the ranker's label events) -> ranker trained against it -> serving index.
 
-    ``label_split`` overrides ``ranker_build.label_split`` for both steps. The random split
+    ``label_split`` overrides ``ranker_build.label_split`` for every step (it also says
+    whether the item models fit sessions: ``ItemModelSettings.for_label_split``). The random split
     has ``ranker_build.label_draws`` draws: one training index and one retrieval server per
     draw, all serving while the ranker replays its requests. Only the serving index is split
     into ``index_build.shards`` shards: a training index lives for one step on this machine,
@@ -158,7 +159,7 @@ def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
         run_step("train-ranker", "--data", str(data), "--out", str(out), *targets, *split_flag)
     shards = settings.index_build.shards
     print(f"[3/3] serving index from all events{f' in {shards} shards' if shards > 1 else ''}", flush=True)
-    run_step("build-index", "--data", str(data), "--out", str(out))
+    run_step("build-index", "--data", str(data), "--out", str(out), *split_flag)
 
 
 def _configure_build(parser: argparse.ArgumentParser) -> None:

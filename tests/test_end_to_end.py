@@ -6,11 +6,13 @@ free loopback ports and are called through real stubs, then stopped with SIGTERM
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -61,6 +63,24 @@ def test_artifacts_are_versioned_with_manifests(deployment: Deployment) -> None:
     for name in ("index", "index-train", "ranker"):
         version = (deployment.artifacts / name / "CURRENT").read_text().strip()
         assert (deployment.artifacts / name / version / "manifest.json").is_file()
+
+
+def test_a_next_event_build_fits_its_item_models_without_sessions(deployment: Deployment) -> None:
+    """`vitrine build` on the default (global) label split: the ranker learns what comes
+    next, a task sessions do not help (ItemModelSettings.for_label_split)."""
+    for name in ("index", "index-train"):
+        params = _manifest(deployment.artifacts, name)["params"]
+        assert params["item_model_l2"] is not None  # there is an item model...
+        assert params["item_model_session_gap_s"] is None  # ...fitted without sessions
+        assert params["build"]["item_model"]["session_weight"] == 0.0
+    ranker = _manifest(deployment.artifacts, "ranker")["params"]
+    assert ranker["item_model"]["session_weight"] == ranker["ranker_build"]["item_model"]["session_weight"] == 0.0
+
+
+def _manifest(artifacts: Path, name: str) -> dict[str, Any]:
+    version = (artifacts / name / "CURRENT").read_text().strip()
+    manifest: dict[str, Any] = json.loads((artifacts / name / version / "manifest.json").read_text())
+    return manifest
 
 
 def test_recommend_over_grpc_between_processes(deployment: Deployment) -> None:

@@ -152,6 +152,11 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
     assert len(per_draw) == draws
     assert len(set(per_draw)) == 1  # as many labels per user in every draw
     assert ranker["metrics"]["train_requests"] % draws == 0  # every draw replays the same training users
+    # Filling gaps is the task sessions help: every item model of the build fits them.
+    assert ranker["params"]["item_model"]["session_weight"] > 0
+    for index_name in ("index", "index-content", training_index_name(0)):
+        index = json.loads(next((artifacts / index_name).glob("*/manifest.json")).read_text())["params"]
+        assert index["item_model_session_gap_s"] in index["build"]["item_model"]["session_gaps_s"]
 
     curve = [written["candidate_recall"][str(n)] for n in CANDIDATE_SIZES]
     assert curve == sorted(curve)

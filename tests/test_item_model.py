@@ -200,6 +200,17 @@ def test_tuning_picks_the_gap_on_one_split_then_l2_by_the_mean_of_its_splits(
     assert users_only.session_gap_s == 7
 
 
+def test_sessions_are_fitted_only_for_the_tasks_they_help() -> None:
+    settings = ItemModelSettings(session_weight=3.0)
+    assert settings.session_label_splits == ["random"]
+    assert settings.for_label_split("random") == settings
+    for next_events in ("global", "per_user"):
+        assert settings.for_label_split(next_events) == settings.model_copy(update={"session_weight": 0.0})
+    everywhere = settings.model_copy(update={"session_label_splits": ["global", "random"]})
+    assert everywhere.for_label_split("global").session_weight == 3.0
+    assert everywhere.for_label_split("per_user").session_weight == 0.0
+
+
 def test_no_item_model_above_the_item_limit() -> None:
     events = _events([0, 0, 1, 1, 2], [0, 1, 1, 2, 3])  # 4 items with events
     assert fit_item_model(events, 10, ItemModelSettings(max_items=3)) is None
@@ -216,7 +227,8 @@ def test_ranker_artifact_stores_the_item_model_of_its_snapshot(
     assert recorded.item_model.l2 in EASE_BASELINE.grid["l2"]
     served = ItemModelSettings.model_validate(artifacts.ranker.params["item_model"])
     assert served.l2 in EASE_BASELINE.grid["l2"]
-    assert served.session_gap_s in served.session_gaps_s
+    # This ranker learns the events after a time cutoff: its item models fit users alone.
+    assert recorded.item_model.session_weight == served.session_weight == 0.0
     expected = fit_item_model(dataset.events.before(loaded.snapshot_at), len(dataset.catalog), served)
     stored = loaded.stats.item_model
     assert expected is not None

@@ -66,10 +66,14 @@ def run_vitrine(split: Split, workdir: Path, k: int, max_candidates: int) -> Vit
     started = time.perf_counter()
     # The ranker learns the task the protocol poses: fill random gaps in a user's history
     # (random) or predict what comes after a time cutoff (temporal).
-    run_build(data_dir, artifacts, label_split="random" if split.protocol == "random" else "global")
+    label_split = "random" if split.protocol == "random" else "global"
+    run_build(data_dir, artifacts, label_split=label_split)
     for index_name, flags in RETRIEVAL_VARIANTS.values():
         if index_name != "index":
-            run_step("build-index", "--data", str(data_dir), "--out", str(artifacts), "--name", index_name, *flags)
+            run_step(
+                "build-index", "--data", str(data_dir), "--out", str(artifacts), "--name", index_name, *flags,
+                "--label-split", label_split,
+            )  # fmt: skip
     lists = VitrineLists(build_seconds=time.perf_counter() - started)
     lists.feature_importance = _feature_importance(artifacts)
     with _services(artifacts, workdir / "logs") as (retrieval_ports, ranking_port):
