@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 from pydantic import SecretStr
 
@@ -38,7 +38,7 @@ from shared.artifacts import MANIFEST, Artifact, ArtifactWriter, open_artifact, 
 from shared.commands import vitrine_command
 from shared.config import EmbeddingSettings, RankingSettings, RetrievalSettings, ServerSettings
 from shared.data import Dataset
-from shared.grpc_server import RunningServer, start_server
+from shared.grpc_server import RunningServer, serve_until_signalled, start_server
 from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from shared.reloading import Reloadable
 from shared.security import AuthSettings, ClientTlsSettings, TlsSettings, call_credentials_metadata, open_channel
@@ -520,6 +520,38 @@ def test_sigterm_under_load_drains_in_flight_requests(
     assert not dropped, dropped
     assert set(load.outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, load.outcomes
     print(f"\nSIGTERM under load: {dict(load.outcomes)}, 0 calls sent before the signal failed")
+
+
+def test_a_signal_received_by_another_thread_still_stops_the_server() -> None:
+    """The kernel may hand SIGTERM to any thread of the process (gRPC's, a compile's); the
+    main thread, waiting for it, must still notice within a moment and stop the server."""
+    server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    health_servicer = health.HealthServicer()
+    running = RunningServer(server, health_servicer, "signal-test", port, grace_period_s=0.1)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    main_thread = threading.get_ident()
+
+    def signal_this_thread() -> None:
+        time.sleep(0.3)
+        signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+        if not running.stopping.wait(10):  # unnoticed: wake the main thread so the test fails, not hangs
+            signal.pthread_kill(main_thread, signal.SIGTERM)
+
+    other = threading.Thread(target=signal_this_thread)
+    started = time.monotonic()
+    other.start()
+    try:
+        serve_until_signalled(running)  # returns once the handler ran and the server stopped
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        other.join()
+        server.stop(None)
+    assert time.monotonic() - started < 5
+    assert running.stopping.is_set()
 
 
 # -- start-up ------------------------------------------------------------------------------------
