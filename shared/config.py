@@ -752,6 +752,8 @@ class VitrineSettings(FileAndEnvSettings):
     model_config = SettingsConfigDict(
         env_prefix="VITRINE_",
         env_nested_delimiter="__",
+        # VITRINE_RETRIEVAL__NPROBE=null: back to None (the build's choice, metrics off...).
+        env_parse_none_str="null",
         extra="forbid",
     )
 

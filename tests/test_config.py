@@ -23,6 +23,20 @@ def test_env_vars_override_nested_fields(monkeypatch: pytest.MonkeyPatch) -> Non
     assert settings.retrieval.nprobe == 8
 
 
+def test_null_in_an_env_var_sets_an_optional_field_to_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = tmp_path / "vitrine.yaml"
+    config.write_text("retrieval:\n  nprobe: 8\n")
+    monkeypatch.setenv("VITRINE_CONFIG", str(config))
+    monkeypatch.setenv("VITRINE_RETRIEVAL__NPROBE", "null")  # over the file's 8
+    monkeypatch.setenv("VITRINE_RANKING__METRICS_PORT", "null")  # over the default 9152
+    settings = load_settings()
+    assert settings.retrieval.nprobe is None
+    assert settings.ranking.metrics_port is None
+    monkeypatch.setenv("VITRINE_RANKING__MAX_K", "null")  # not optional: refused, naming the field
+    with pytest.raises(SettingsError, match=r"ranking\.max_k"):
+        load_settings()
+
+
 def test_yaml_file_then_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     config = tmp_path / "vitrine.yaml"
     config.write_text("ranking:\n  max_k: 40\n  port: 6000\nretrieval:\n  port: 6001\n")
