@@ -22,7 +22,7 @@ from retrieval_service.shards import shard_artifact_name
 from shared.artifacts import current_version
 from shared.cli import load_registry
 from shared.commands import vitrine_command
-from shared.config import VitrineSettings, load_settings
+from shared.config import RankingSettings, VitrineSettings, load_settings
 from tests.conftest import BuiltArtifacts, Servers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,7 +233,9 @@ def test_ports_probes_and_grace_match_the_code(rendered: tuple[str, Path], tmp_p
                     assert command[command.index("--service") + 1] == service_name
             assert not overlay.startswith("prod") or "exec" in container["readinessProbe"], "TLS needs the exec probe"
             pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-            assert pod["spec"]["terminationGracePeriodSeconds"] > server.grace_period_s + pre_stop
+            # Ranking also waits for a running compile of its trees before it exits.
+            compile_wait = server.exit_compile_wait_s if isinstance(server, RankingSettings) else 0.0
+            assert pod["spec"]["terminationGracePeriodSeconds"] > pre_stop + server.grace_period_s + compile_wait
             init = pod["spec"]["initContainers"][0]["command"]
             assert init[:2] == ["vitrine", "verify"]
             assert "verify" in registry.commands
