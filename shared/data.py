@@ -26,6 +26,7 @@ indices inside: ``Catalog.item_ids[i]`` is the id of item row ``i`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,17 @@ class Events:
 
     def __len__(self) -> int:
         return len(self.user_index)
+
+    def digest(self) -> str:
+        """A SHA-256 of every column: equal events, equal digests."""
+        hashed = hashlib.sha256()
+        for column in (self.user_index, self.item_index, self.event_code, self.timestamp):
+            hashed.update(f"{column.dtype}:{len(column)}".encode())
+            hashed.update(np.ascontiguousarray(column).tobytes())
+        for strings in (self.device, self.session_id):
+            hashed.update("\x00".join(strings.tolist()).encode())
+            hashed.update(b"\x01")
+        return hashed.hexdigest()
 
     def select(self, mask: npt.NDArray[np.bool_]) -> Events:
         """The events where ``mask`` is true, order kept."""

@@ -34,6 +34,10 @@ from shared.logs import event
 log = logging.getLogger(__name__)
 
 TUNING_K = 10
+# Tuning results of this process by (events digest, catalogue and user counts, settings,
+# seed), oldest first; a build needs a few.
+TUNED_KEPT = 8
+_TUNED: dict[tuple[str, int, int, str, int], ItemModelSettings] = {}
 
 
 def session_index(events: Events, gap_s: int) -> npt.NDArray[np.int64]:
@@ -108,10 +112,26 @@ def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -
     the EASE baseline's grid, by the mean of ``tune_splits`` splits). Gaps differ by more
     than one split's noise and l2 values by less, and each fit is a dense inverse: this
     order costs gaps + grid x splits fits instead of their product. Unchanged when tuning
-    is off or more than ``tune_max_items`` items have events."""
+    is off or more than ``tune_max_items`` items have events. A process asked again with
+    the same events, settings and seed answers from memory."""
     active = np.unique(dataset.events.item_index)
     if not settings.tune or not len(active) or len(active) > min(settings.tune_max_items, settings.max_items):
         return settings
+    # One build tunes on the same events more than once (a training index and the ranker's
+    # history; the serving index and the ranker's snapshot), each call 20 dense inverses:
+    # about 90 s at 5,000 items. The same events, settings and seed give the same answer.
+    key = (dataset.events.digest(), len(dataset.catalog), len(dataset.users), settings.model_dump_json(), seed)
+    if key in _TUNED:
+        event(log, "item model tuning reused", l2=_TUNED[key].l2, session_gap_s=_TUNED[key].session_gap_s)
+        return _TUNED[key]
+    tuned = _tune(dataset, settings, seed, active)
+    _TUNED[key] = tuned
+    while len(_TUNED) > TUNED_KEPT:
+        del _TUNED[next(iter(_TUNED))]
+    return tuned
+
+
+def _tune(dataset: Dataset, settings: ItemModelSettings, seed: int, active: npt.NDArray[np.int32]) -> ItemModelSettings:
     column = np.full(len(dataset.catalog), -1, dtype=np.int32)
     column[active] = np.arange(len(active), dtype=np.int32)
     validations = [split(dataset, "random", seed + offset) for offset in range(settings.tune_splits)]

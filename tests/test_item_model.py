@@ -211,6 +211,29 @@ def test_sessions_are_fitted_only_for_the_tasks_they_help() -> None:
     assert everywhere.for_label_split("per_user").session_weight == 0.0
 
 
+def test_tuning_again_on_the_same_events_answers_from_memory(
+    dataset: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    few = replace(dataset, events=dataset.events.select(dataset.events.user_index < 300))
+    settings = ItemModelSettings(session_gaps_s=[60], tune_splits=1, l2=123.0)
+
+    def tune_logging(data: Dataset, with_settings: ItemModelSettings) -> tuple[ItemModelSettings, list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="shared.item_model"):
+            tuned = tuned_item_model(data, with_settings, seed=5)
+        return tuned, [record.getMessage() for record in caplog.records]
+
+    first, messages = tune_logging(few, settings)
+    assert messages == ["item model tuned"]
+    again, messages = tune_logging(replace(few, events=few.events.select(np.ones(len(few.events), bool))), settings)
+    assert messages == ["item model tuning reused"]  # equal events in another object
+    assert again == first
+    # Other events or other settings are tuned afresh.
+    fewer = replace(few, events=few.events.select(few.events.user_index < 299))
+    assert tune_logging(fewer, settings)[1] == ["item model tuned"]
+    assert tune_logging(few, settings.model_copy(update={"session_weight": 0.0}))[1] == ["item model tuned"]
+
+
 def test_no_item_model_above_the_item_limit() -> None:
     events = _events([0, 0, 1, 1, 2], [0, 1, 1, 2, 3])  # 4 items with events
     assert fit_item_model(events, 10, ItemModelSettings(max_items=3)) is None
