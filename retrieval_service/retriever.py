@@ -489,7 +489,10 @@ class Retriever:
             vector = self._query(summed)
             if not np.any(vector):
                 vector = None
-        if vector is None and not known:
+        if vector is None and not any(weight > 0 for _, weight in known):
+            # No item this index holds carries weight (none known, or every weight 0, as
+            # when a client's decayed weights underflow): there is no query, as for an
+            # empty history; every source would answer nothing.
             return self.popular(n, exclude_item_ids, options)
         mask = self._filter_mask(options.filter)
         shares = self._shares(options.mix)

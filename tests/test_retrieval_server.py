@@ -87,6 +87,17 @@ def test_unknown_user_gets_popular_items(servers: Servers) -> None:
     assert {candidate.source for candidate in response.candidates} == {"popular"}
 
 
+def test_a_history_whose_weights_are_all_zero_gets_popular_items(servers: Servers, dataset: Dataset) -> None:
+    """Weight 0 leaves an item out of the query; leaving them all out is an empty history
+    (found by tests/test_fuzz.py: the answer was empty)."""
+    history = retrieval_pb2.ItemHistory(item_ids=dataset.catalog.item_ids[:5].tolist(), weights=[0.0] * 5)
+    response = servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(history=history, n=10), timeout=5)
+    popular = servers.retrieval.Retrieve(retrieval_pb2.RetrieveRequest(user_id="never-seen", n=10), timeout=5)
+    assert len(response.candidates) == 10
+    assert {candidate.source for candidate in response.candidates} == {"popular"}
+    assert _ids(response) == _ids(popular)
+
+
 def test_similar_items_excludes_the_item_itself(servers: Servers, dataset: Dataset) -> None:
     item = str(dataset.catalog.item_ids[5])
     response = servers.retrieval.SimilarItems(retrieval_pb2.SimilarItemsRequest(item_id=item, n=10), timeout=5)
