@@ -122,8 +122,10 @@ def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -
     # about 90 s at 5,000 items. The same events, settings and seed give the same answer.
     key = (dataset.events.digest(), len(dataset.catalog), len(dataset.users), settings.model_dump_json(), seed)
     if key in _TUNED:
-        event(log, "item model tuning reused", l2=_TUNED[key].l2, session_gap_s=_TUNED[key].session_gap_s)
-        return _TUNED[key]
+        reused = _TUNED[key]
+        gap_s = reused.session_gap_s if reused.session_weight > 0 else None
+        event(log, "item model tuning reused", l2=reused.l2, session_gap_s=gap_s)
+        return reused
     tuned = _tune(dataset, settings, seed, active)
     _TUNED[key] = tuned
     while len(_TUNED) > TUNED_KEPT:
