@@ -170,7 +170,7 @@ def build_index_artifacts(
         # The item_model source's L2 and session gap (tuned at build), None: no item model
         # (too many items) or, for the gap, no sessions (ItemModelSettings.for_label_split).
         "item_model_l2": item_model.l2 if item_model else None,
-        "item_model_session_gap_s": item_model.session_gap_s if item_model and item_model.session_weight > 0 else None,
+        "item_model_session_gap_s": item_model.fitted_session_gap_s if item_model else None,
         **(extra_params or {}),
     }
     artifacts = []

@@ -140,6 +140,11 @@ class ItemModelSettings(BaseModel):
     # 0.0007 above 1000).
     tune_splits: int = Field(3, ge=1)
 
+    @property
+    def fitted_session_gap_s(self) -> int | None:
+        """The gap sessions are cut at; None when no session rows are fitted."""
+        return self.session_gap_s if self.session_weight > 0 else None
+
     def for_label_split(self, label_split: LabelSplit) -> ItemModelSettings:
         """These settings for a build whose ranker learns ``label_split`` (a time cutoff is
         "global"): sessions off unless that task is in ``session_label_splits``."""

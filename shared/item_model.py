@@ -123,8 +123,7 @@ def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -
     key = (dataset.events.digest(), len(dataset.catalog), len(dataset.users), settings.model_dump_json(), seed)
     if key in _TUNED:
         reused = _TUNED[key]
-        gap_s = reused.session_gap_s if reused.session_weight > 0 else None
-        event(log, "item model tuning reused", l2=reused.l2, session_gap_s=gap_s)
+        event(log, "item model tuning reused", l2=reused.l2, session_gap_s=reused.fitted_session_gap_s)
         return reused
     tuned = _tune(dataset, settings, seed, active)
     _TUNED[key] = tuned
@@ -169,7 +168,7 @@ def _tune(dataset: Dataset, settings: ItemModelSettings, seed: int, active: npt.
         log,
         "item model tuned",
         l2=l2,
-        session_gap_s=chosen.session_gap_s if settings.session_weight > 0 else None,
+        session_gap_s=chosen.fitted_session_gap_s,
         validation_ndcg=round(float(np.mean(ndcgs[l2])), 4),
         splits=len(validations),
     )

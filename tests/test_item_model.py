@@ -204,6 +204,8 @@ def test_sessions_are_fitted_only_for_the_tasks_they_help() -> None:
     settings = ItemModelSettings(session_weight=3.0)
     assert settings.session_label_splits == ["random"]
     assert settings.for_label_split("random") == settings
+    assert settings.fitted_session_gap_s == settings.session_gap_s
+    assert settings.for_label_split("global").fitted_session_gap_s is None  # what manifests record
     for next_events in ("global", "per_user"):
         assert settings.for_label_split(next_events) == settings.model_copy(update={"session_weight": 0.0})
     everywhere = settings.model_copy(update={"session_label_splits": ["global", "random"]})
