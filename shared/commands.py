@@ -19,9 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from shared.cli import Command, CommandRegistry, add_label_split_argument
-
-SERVER_START_TIMEOUT_S = 180.0
-SERVER_STOP_TIMEOUT_S = 30.0
+from shared.config import load_settings
 
 
 def _configure_datagen(parser: argparse.ArgumentParser) -> None:
@@ -52,12 +50,14 @@ def start_server_process(
     port_file: Path,
     log_file: Path,
     env: Mapping[str, str] | None = None,
-    timeout_s: float = SERVER_START_TIMEOUT_S,
+    timeout_s: float | None = None,
     append_log: bool = True,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a ``vitrine serve ...`` process on free ports; return it and its port once it
-    serves (it writes the port file then). A process that exits or never serves is killed
-    and reported with its log file."""
+    serves (it writes the port file then; ``timeout_s``, default supervisor.start_timeout_s).
+    A process that exits or never serves is killed and reported with its log file."""
+    if timeout_s is None:
+        timeout_s = load_settings().supervisor.start_timeout_s
     port_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab" if append_log else "wb") as log:
@@ -86,15 +86,18 @@ def server_process(
     """Run a ``vitrine serve ...`` process; yield its port once serving; SIGTERM on exit.
 
     ``env`` adds to (or overrides) this process's environment, e.g. ``VITRINE_...`` settings.
+    The waits come from this process's settings (``supervisor``; after SIGTERM, the
+    server's own stop budget plus a margin: VitrineSettings.server_stop_budget_s).
     """
-    process, port = start_server_process(argv, port_file, log_file, env)
+    settings = load_settings()
+    process, port = start_server_process(argv, port_file, log_file, env, settings.supervisor.start_timeout_s)
     try:
         yield port
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:
-                process.wait(timeout=SERVER_STOP_TIMEOUT_S)
+                process.wait(timeout=settings.server_stop_budget_s + settings.supervisor.stop_margin_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -128,8 +131,6 @@ def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
     and the merged answers of shards are the whole index's answers, so the ranker learns on
     what sharded serving returns.
     """
-    from shared.config import load_settings
-
     settings = load_settings(ranker_build={"label_split": label_split})
     split = settings.ranker_build.label_split
     draws = settings.ranker_build.label_draw_count()

@@ -622,7 +622,8 @@ class RankingSettings(ServerSettings):
     # they reproduce LightGBM's scores; LightGBM's own predict answers until then or if not.
     compiled_trees: bool = True
     # On exit, wait this long for a running compile of the trees to finish (the process can
-    # crash if it exits while one runs); below the 30 s a supervisor gives a SIGTERM.
+    # crash if it exits while one runs). Supervisors wait for it: server_stop_budget_s,
+    # and the Kubernetes pod's terminationGracePeriodSeconds (tests/test_deploy.py).
     exit_compile_wait_s: float = Field(20.0, ge=0)
     # LogEvents: at most this many events per call.
     max_events_per_batch: int = Field(1000, ge=1)
@@ -704,6 +705,18 @@ class BenchSettings(BaseModel):
     floor_requests: int = Field(500, ge=10)
 
 
+class SupervisorSettings(BaseModel):
+    """How Vitrine's own commands (build, demo, evaluate, the local load test) run server
+    processes (shared/commands.py: server_process)."""
+
+    # A server must be serving (its port file written) within this long: loading and
+    # warming a large index takes a while on a busy machine.
+    start_timeout_s: float = Field(180.0, gt=0)
+    # After SIGTERM a server may take its drain and exit waits (server_stop_budget_s); the
+    # supervisor waits this much longer before SIGKILL.
+    stop_margin_s: float = Field(10.0, ge=0)
+
+
 class TracingSettings(BaseModel):
     # OTLP/gRPC collector, e.g. "http://otel-collector:4317"; None exports nothing.
     otlp_endpoint: str | None = None
@@ -770,6 +783,16 @@ class VitrineSettings(FileAndEnvSettings):
     ranking: RankingSettings = RankingSettings()
     tracing: TracingSettings = TracingSettings()
     bench: BenchSettings = BenchSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+
+    @property
+    def server_stop_budget_s(self) -> float:
+        """The longest a Vitrine server may take to exit after SIGTERM: its grace period for
+        requests in flight and, for ranking, the wait for a running compile of its trees."""
+        ranking = self.ranking.grace_period_s + (
+            self.ranking.exit_compile_wait_s if self.ranking.compiled_trees else 0.0
+        )
+        return max(self.retrieval.grace_period_s, ranking)
 
 
 class SettingsError(ValueError):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -35,8 +36,8 @@ from pydantic import SecretStr
 from ranking_service.server import start_ranking_server
 from retrieval_service.server import start_retrieval_server
 from shared.artifacts import MANIFEST, Artifact, ArtifactWriter, open_artifact, set_current
-from shared.commands import vitrine_command
-from shared.config import EmbeddingSettings, RankingSettings, RetrievalSettings, ServerSettings
+from shared.commands import server_process, vitrine_command
+from shared.config import EmbeddingSettings, RankingSettings, RetrievalSettings, ServerSettings, load_settings
 from shared.data import Dataset
 from shared.grpc_server import RunningServer, serve_until_signalled, start_server
 from shared.proto.vitrine.v1 import admin_pb2, admin_pb2_grpc, ranking_pb2, ranking_pb2_grpc
@@ -567,6 +568,51 @@ class _LoadedVersion:
 
 def _collector_sees(target: object) -> bool:
     return any(tracked is target for tracked in gc.get_objects())
+
+
+# A stand-in "server" for the supervisor: writes its port file, then sleeps, SIGTERM ignored.
+STUBBORN_SERVER = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if sys.argv[1] == "serve":
+    port_file = sys.argv[sys.argv.index("--port-file") + 1]
+    open(port_file, "w").write("12345")
+time.sleep(60)
+"""
+
+
+def test_the_supervisor_waits_as_its_settings_say(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """server_process (build, demo, evaluate) waits supervisor.start_timeout_s for a server to
+    serve, and its stop budget plus supervisor.stop_margin_s after SIGTERM before SIGKILL."""
+    monkeypatch.setenv("VITRINE_SUPERVISOR__START_TIMEOUT_S", "1")
+    monkeypatch.setenv("VITRINE_SUPERVISOR__STOP_MARGIN_S", "0.5")
+    monkeypatch.setenv("VITRINE_RETRIEVAL__GRACE_PERIOD_S", "0.5")
+    monkeypatch.setenv("VITRINE_RANKING__GRACE_PERIOD_S", "0.5")
+    monkeypatch.setenv("VITRINE_RANKING__EXIT_COMPILE_WAIT_S", "1")
+    settings = load_settings()
+    assert settings.server_stop_budget_s == 1.5  # ranking: grace + compile wait
+    assert (
+        settings.model_copy(
+            update={"ranking": settings.ranking.model_copy(update={"compiled_trees": False})}
+        ).server_stop_budget_s
+        == 0.5
+    )
+
+    left_at: list[float] = []
+
+    def serve_and_leave(mode: str) -> None:
+        argv = [sys.executable, "-c", STUBBORN_SERVER, mode]
+        with server_process(argv, tmp_path / f"{mode}.port", tmp_path / f"{mode}.log") as port:
+            assert port == 12345
+            left_at.append(time.monotonic())
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"not serving after 1\.0s"):
+        serve_and_leave("never")
+    assert time.monotonic() - started < 10
+    with pytest.raises(RuntimeError, match="exited with -9 on SIGTERM"):
+        serve_and_leave("serve")
+    assert 1.9 < time.monotonic() - left_at[0] < 10  # SIGKILL after 1.5 + 0.5 s, not 30 s as before
 
 
 def test_loaded_artifacts_are_frozen_and_a_swap_frees_the_replaced_version() -> None:
