@@ -299,9 +299,11 @@ def test_merged_candidates_match_the_unsharded_index(
 def test_popular_items_of_the_shards_merge_into_the_catalogue_order(
     client: ShardedRetrievalClient, servers: Servers, dataset: Dataset
 ) -> None:
-    """An unknown user, and a history of unknown items: every shard answers with its popular
-    items, scored by their rank in the whole catalogue, so the merge is the unsharded answer."""
+    """An unknown user, a history of unknown items, and one whose weights are all 0: every
+    shard answers with its popular items, scored by their rank in the whole catalogue, so
+    the merge is the unsharded answer."""
     exclude = dataset.catalog.item_ids[:40].tolist()
+    known = dataset.catalog.item_ids[40:45].tolist()
     for merged, request in [
         (
             client.by_user("a-stranger", N, exclude, TIMEOUT_S),
@@ -310,6 +312,12 @@ def test_popular_items_of_the_shards_merge_into_the_catalogue_order(
         (
             client.by_history(["no-such-item"], [1.0], N, [], TIMEOUT_S),
             retrieval_pb2.RetrieveRequest(history=retrieval_pb2.ItemHistory(item_ids=["no-such-item"]), n=N),
+        ),
+        (
+            client.by_history(known, [0.0] * len(known), N, [], TIMEOUT_S),
+            retrieval_pb2.RetrieveRequest(
+                history=retrieval_pb2.ItemHistory(item_ids=known, weights=[0.0] * len(known)), n=N
+            ),
         ),
     ]:
         whole = servers.retrieval.Retrieve(request, timeout=TIMEOUT_S)
