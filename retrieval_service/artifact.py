@@ -28,6 +28,7 @@ from retrieval_service.shards import shard_artifact_name, shard_assignments
 from retrieval_service.source_tables import (
     GlobalTables,
     SourceTables,
+    decayed_counts,
     global_tables,
     load_source_tables,
     write_shard_tables,
@@ -38,20 +39,12 @@ from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_versio
 from shared.config import DEFAULT_NPROBE, IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
-from shared.interactions import recency_weights
 from shared.logs import event
 
 log = logging.getLogger(__name__)
 
 KIND = "vitrine.retrieval-index"
 DEFAULT_NAME = "index"
-
-
-def item_popularity(dataset: Dataset, cutoff: int, settings: IndexBuildSettings) -> npt.NDArray[np.float32]:
-    """Time-decayed, intent-weighted interaction count per item as of ``cutoff``."""
-    events = dataset.events.before(cutoff)
-    weights = recency_weights(events.event_code, events.timestamp, cutoff, settings.history_half_life_days)
-    return np.bincount(events.item_index, weights=weights, minlength=len(dataset.catalog)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -145,7 +138,9 @@ def build_index_artifacts(
     active = np.flatnonzero(has_history)
     n_sample = min(settings.tuning.sample_queries, len(active))
     sample = rng.choice(active, size=n_sample, replace=False) if len(active) else active
-    popularity = item_popularity(dataset, cutoff, settings)
+    popularity = decayed_counts(
+        events, n_items, cutoff, settings.popularity_half_life_days, settings.popularity_prior_weight
+    )
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
     # Popular answers are scored by the item's rank in the whole catalogue, so the popular
     # items of several shards merge into the catalogue's order.

@@ -60,10 +60,8 @@ def _run_build(args: argparse.Namespace) -> int:
         },
     )
     build = settings.ranker_build
-    # The item model fits sessions only for the tasks they help (the ranker's label split).
-    index_build = settings.index_build.model_copy(
-        update={"item_model": settings.index_build.item_model.for_label_split(build.label_split)}
-    )
+    # Sessions and popularity's decay only for the tasks they help (the ranker's label split).
+    index_build = settings.index_build.for_label_split(build.label_split)
     if args.label_draw and not args.without_ranker_labels:
         raise SystemExit("build-index: --label-draw needs --without-ranker-labels")
     if not 0 <= args.label_draw < build.label_draw_count():

@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from shared.commands import server_process, vitrine_command
+from shared.config import VitrineSettings
 from shared.data import load_dataset
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -65,7 +66,7 @@ def test_artifacts_are_versioned_with_manifests(deployment: Deployment) -> None:
         assert (deployment.artifacts / name / version / "manifest.json").is_file()
 
 
-def test_a_next_event_build_fits_its_item_models_without_sessions(deployment: Deployment) -> None:
+def test_a_next_event_build_fits_no_sessions_and_decays_popularity(deployment: Deployment) -> None:
     """`vitrine build` on the default (global) label split: the ranker learns what comes
     next, a task sessions do not help (ItemModelSettings.for_label_split)."""
     for name in ("index", "index-train"):
@@ -73,6 +74,8 @@ def test_a_next_event_build_fits_its_item_models_without_sessions(deployment: De
         assert params["item_model_l2"] is not None  # there is an item model...
         assert params["item_model_session_gap_s"] is None  # ...fitted without sessions
         assert params["build"]["item_model"]["session_weight"] == 0.0
+        # What is popular now predicts what comes next: popularity decays.
+        assert params["build"]["popularity_half_life_days"] == VitrineSettings().index_build.popularity_half_life_days
     ranker = _manifest(deployment.artifacts, "ranker")["params"]
     assert ranker["item_model"]["session_weight"] == ranker["ranker_build"]["item_model"]["session_weight"] == 0.0
 

@@ -157,6 +157,8 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
     for index_name in ("index", "index-content", training_index_name(0)):
         index = json.loads(next((artifacts / index_name).glob("*/manifest.json")).read_text())["params"]
         assert index["item_model_session_gap_s"] in index["build"]["item_model"]["session_gaps_s"]
+        # ...and where a gap may sit anywhere in a history, popularity is all-time counts.
+        assert index["build"]["popularity_half_life_days"] is None
 
     curve = [written["candidate_recall"][str(n)] for n in CANDIDATE_SIZES]
     assert curve == sorted(curve)

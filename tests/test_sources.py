@@ -4,6 +4,7 @@ the real retrieval and ranking servers on loopback (generated data)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -18,9 +19,10 @@ from retrieval_service.server import start_retrieval_server
 from retrieval_service.source_tables import EMPTY_NEIGHBOURS, decayed_counts
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
-from shared.config import ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
-from shared.data import Dataset
+from shared.config import IndexBuildSettings, ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
+from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.evaluation.baselines import EASE_BASELINE
+from shared.interactions import EVENT_CONFIDENCE
 from shared.item_model import fit_item_model
 from shared.proto.vitrine.v1 import catalog_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
@@ -69,6 +71,56 @@ def _rejected(servers: Servers, **fields: Any) -> grpc.RpcError:
         _retrieve(servers, **fields)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     return caught.value
+
+
+# -- popularity ----------------------------------------------------------------------------
+
+DAY_S = 86_400
+
+
+def _timed_events(items: Sequence[int], ages_days: Sequence[float], codes: Sequence[int], now: int) -> Events:
+    n = len(items)
+    return Events(
+        user_index=np.arange(n, dtype=np.int32),
+        item_index=np.asarray(items, np.int32),
+        event_code=np.asarray(codes, np.int8),
+        timestamp=np.asarray([now - int(age * DAY_S) for age in ages_days], np.int64),
+        device=np.full(n, "web"),
+        session_id=np.full(n, "s"),
+    )
+
+
+def test_popularity_counts_intent_decays_with_age_and_leans_on_all_time_shares_when_recent_is_thin() -> None:
+    now = 1_000 * DAY_S
+    # Item 0: six views a year ago; item 1: one view today; item 2: one purchase 14 days ago.
+    events = _timed_events([0] * 6 + [1, 2], [365] * 6 + [0, 14], [VIEW] * 7 + [PURCHASE], now)
+    all_time = decayed_counts(events, 4, now, None)
+    purchase = EVENT_CONFIDENCE[PURCHASE]
+    np.testing.assert_allclose(all_time, [6.0, 1.0, purchase, 0.0])
+    recent = decayed_counts(events, 4, now, 14.0)
+    np.testing.assert_allclose(recent, [6 * 0.5 ** (365 / 14), 1.0, purchase / 2, 0.0], rtol=1e-5)
+    # The prior adds prior_weight spread by all-time shares (item 0's share: 6 of 12).
+    shrunk = decayed_counts(events, 4, now, 14.0, prior_weight=120.0)
+    np.testing.assert_allclose(shrunk, recent + 120.0 * all_time / all_time.sum(), rtol=1e-5)
+    # Little recent weight (3.5 here) against the prior: the all-time order decides...
+    assert np.argsort(-recent).tolist()[:3] == [2, 1, 0]
+    assert np.argsort(-shrunk).tolist()[:3] == [0, 2, 1]
+    # ...and much recent weight outweighs it.
+    busy = _timed_events([0] * 6 + [1] * 200, [365] * 6 + [0] * 200, [VIEW] * 206, now)
+    assert np.argmax(decayed_counts(busy, 4, now, 14.0, prior_weight=120.0)) == 1
+    assert not decayed_counts(busy.select(np.zeros(206, bool)), 4, now, 14.0, prior_weight=120.0).any()
+
+
+def test_popularity_decays_only_for_next_event_tasks() -> None:
+    settings = IndexBuildSettings(item_model=ItemModelSettings(session_weight=3.0))
+    for next_events in ("global", "per_user"):
+        adapted = settings.for_label_split(next_events)
+        assert adapted.popularity_half_life_days == settings.popularity_half_life_days
+        assert adapted.item_model == settings.item_model.for_label_split(next_events)
+    gap_filling = settings.for_label_split("random")
+    assert gap_filling.popularity_half_life_days is None
+    assert gap_filling.item_model == settings.item_model
+    assert gap_filling.model_copy(update={"popularity_half_life_days": 14.0}) == settings
 
 
 # -- the merge itself ----------------------------------------------------------------------
