@@ -290,7 +290,7 @@ def _list_length(text: str) -> int:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from shared.evaluation.report import markdown_table
+    from shared.evaluation.report import GROUPS_TITLE, group_table, markdown_table
     from shared.evaluation.run import evaluate
     from shared.loaders import load_from_arguments
 
@@ -298,6 +298,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     print(loaded.report.summary(), flush=True)
     results = evaluate(loaded.dataset, args.protocol, args.k, args.seed, args.out)
     print(markdown_table(results))
+    by_group = group_table(results)
+    if by_group:
+        print(f"\n{GROUPS_TITLE}:\n{by_group}")
     print(f"results in {args.out}/results.json, results.md and PNG plots")
     return 0
 

@@ -16,7 +16,8 @@ from shared.data import Dataset
 from shared.datagen import GeneratorConfig, generate
 from shared.evaluation.baselines import ALS, BASELINES, EASE, ItemKNN, MostPopular, top_k, tune
 from shared.evaluation.protocols import interaction_matrix, split, validation_split
-from shared.evaluation.run import CANDIDATE_SIZES, evaluate
+from shared.evaluation.report import group_table
+from shared.evaluation.run import CANDIDATE_SIZES, MethodResult, Results, evaluate, list_metrics, user_groups
 
 SMALL = GeneratorConfig(seed=5, n_items=300, n_users=160, n_events=8_000)
 
@@ -61,6 +62,43 @@ def test_temporal_split_trains_on_the_past_and_tests_on_new_items_of_the_future(
     # Tuning never sees test: the validation split lives inside train.
     validation = validation_split(result.train, "temporal", seed=42)
     assert int(validation.train.events.timestamp.max()) < validation.request_time <= result.request_time
+
+
+def test_users_without_train_events_are_scored_apart(small: Dataset) -> None:
+    """A time split's newcomers get a cold-start answer: their metrics are reported apart."""
+    test = split(small, "temporal", seed=42)
+    evaluated = test.evaluated_users
+    groups = user_groups(test)
+    assert set(groups) == {"without_history", "with_history"}
+    newcomers = groups["without_history"]
+    train_users = set(test.train.events.user_index.tolist())
+    assert len(newcomers)
+    assert not train_users & set(newcomers.tolist())
+    assert set(groups["with_history"].tolist()) <= train_users
+    assert sorted([*newcomers, *groups["with_history"]]) == sorted(evaluated.tolist())
+    # Each newcomer gets their test items on top, everybody else nothing.
+    lists = [np.zeros(0, np.int32)] * len(test.test_items)
+    for user in newcomers:
+        lists[user] = test.test_items[user][:10]
+    metrics, by_group = list_metrics(test, groups, lists, k=10)
+    assert by_group["without_history"]["hit_rate@10"] == 1.0
+    assert by_group["with_history"]["hit_rate@10"] == 0.0
+    assert by_group["without_history"]["users"] == len(newcomers)
+    assert metrics["hit_rate@10"] == pytest.approx(len(newcomers) / len(evaluated))
+    # One group (a random split's users all have train events): no breakdown.
+    assert list_metrics(test, {"with_history": evaluated}, lists, k=10)[1] == {}
+
+    results = Results(
+        "d", "temporal", 10, 42, [MethodResult("vitrine", "vitrine", metrics, 1.0, {}, by_group)], {}, {}, {}
+    )
+    table = group_table(results).splitlines()
+    assert table[0] == (
+        f"| method | without_history ({len(newcomers)} users) ndcg@10 | without_history ({len(newcomers)} users) "
+        f"hit_rate@10 | with_history ({len(evaluated) - len(newcomers)} users) ndcg@10 "
+        f"| with_history ({len(evaluated) - len(newcomers)} users) hit_rate@10 |"
+    )
+    assert table[2].startswith("| **vitrine** | 1.0000 | 1.0000 | 0.0000 | 0.0000 |")
+    assert group_table(replace(results, methods=[replace(results.methods[0], by_group={})])) == ""
 
 
 def test_ease_matches_the_closed_form_and_top_k_excludes_seen_items() -> None:
@@ -132,6 +170,7 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
     }
     for method in written["methods"]:
         assert method["kind"] == ("vitrine" if method["name"].startswith("vitrine") else "baseline")
+        assert method["by_group"] == {}  # every user of a random split has train events
         assert {"ndcg@10", "precision@10", "recall@10", "map@10", "hit_rate@10", "coverage"} <= set(method["metrics"])
         assert all(0.0 <= value <= 1.0 for value in method["metrics"].values())
         assert method["seconds"] >= 0

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 PLOTTED_METRICS = ("ndcg", "precision", "recall", "map", "hit_rate")
 TOP_FEATURES = 20
+GROUPS_TITLE = "Per user group (without_history: no train event, a cold-start answer)"
 
 
 def metric_columns(k: int) -> list[str]:
@@ -38,6 +39,21 @@ def markdown_table(results: Results) -> str:
     return "\n".join(lines)
 
 
+def group_table(results: Results) -> str:
+    """NDCG@k and hit rate per user group (run.user_groups); "" when the split has one group."""
+    groups = next((list(m.by_group) for m in results.methods if m.by_group), [])
+    if not groups:
+        return ""
+    first = next(m for m in results.methods if m.by_group)
+    columns = [(group, metric) for group in groups for metric in (f"ndcg@{results.k}", f"hit_rate@{results.k}")]
+    header = " | ".join(f"{group} ({int(first.by_group[group]['users'])} users) {metric}" for group, metric in columns)
+    lines = [f"| method | {header} |", "|---|" + "---:|" * len(columns)]
+    for method in sorted(results.methods, key=lambda m: -m.metrics[f"ndcg@{results.k}"]):
+        name = f"**{method.name}**" if method.name == "vitrine" else method.name
+        lines.append(f"| {name} | " + " | ".join(f"{method.by_group[g][metric]:.4f}" for g, metric in columns) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: Results, out: Path) -> None:
     tuned = "\n".join(
         f"- {m.name}: " + ", ".join(f"{key}={value}" for key, value in m.params.items())
@@ -45,9 +61,12 @@ def write_report(results: Results, out: Path) -> None:
         if m.params
     )
     curve = "\n".join(f"| {n} | {recall:.4f} |" for n, recall in results.candidate_recall.items())
+    by_group = group_table(results)
+    groups = f"{GROUPS_TITLE}:\n\n{by_group}\n\n" if by_group else ""
     (out / "results.md").write_text(
         f"# {results.dataset}, protocol {results.protocol}, k={results.k}, seed {results.seed}\n\n"
         f"{markdown_table(results)}\n\n"
+        f"{groups}"
         f"Split: {results.split}\n\n"
         f"Tuned on a validation split carved from train:\n{tuned}\n\n"
         f"Candidate recall@N (share of test items among the fused index's N candidates):\n\n"

@@ -34,6 +34,8 @@ class MethodResult:
     metrics: dict[str, float]
     seconds: float
     params: dict[str, Any] = field(default_factory=dict)
+    # The same metrics per user group (user_groups), when the split has more than one.
+    by_group: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,9 @@ def evaluate(
     test = split(dataset, protocol, seed)
     users = test.evaluated_users
     relevant = [test.test_items[user] for user in users]
-    n_items = len(dataset.catalog)
     summary = _split_summary(test)
-    event(log, "split", protocol=protocol, **summary)
+    groups = user_groups(test)
+    event(log, "split", protocol=protocol, **summary, groups={name: len(members) for name, members in groups.items()})
 
     def scored(
         name: str,
@@ -75,9 +77,8 @@ def evaluate(
         seconds: float,
         params: dict[str, Any] | None = None,
     ) -> MethodResult:
-        metrics = top_k_metrics([lists[user] for user in users], relevant, k, n_items)
-        metrics.pop("users")
-        return MethodResult(name, kind, metrics, round(seconds, 2), params or {})
+        metrics, by_group = list_metrics(test, groups, lists, k)
+        return MethodResult(name, kind, metrics, round(seconds, 2), params or {}, by_group)
 
     methods = _baselines(test, validation_split(test.train, protocol, seed), k, scored, baselines)
     vitrine = run_vitrine(test, out / "work", k, max(CANDIDATE_SIZES))
@@ -138,6 +139,30 @@ def _baselines(
             )
         )
     return results
+
+
+def list_metrics(
+    test: Split, groups: dict[str, npt.NDArray[np.int64]], lists: list[npt.NDArray[np.int32]], k: int
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Top-k metrics of one method's lists (one per user row) over the evaluated users,
+    and per group (with its user count) when there is more than one group."""
+    n_items = len(test.train.catalog)
+
+    def over(members: npt.NDArray[np.int64]) -> dict[str, float]:
+        return top_k_metrics([lists[user] for user in members], [test.test_items[user] for user in members], k, n_items)
+
+    metrics = over(test.evaluated_users)
+    metrics.pop("users")
+    return metrics, ({group: over(members) for group, members in groups.items()} if len(groups) > 1 else {})
+
+
+def user_groups(test: Split) -> dict[str, npt.NDArray[np.int64]]:
+    """The evaluated users with no train event (a time split's newcomers, who get a
+    cold-start answer) and those with some; empty groups left out."""
+    users = test.evaluated_users
+    history_sizes = np.diff(test.train_matrix().indptr)[users]
+    groups = {"without_history": users[history_sizes == 0], "with_history": users[history_sizes > 0]}
+    return {name: members for name, members in groups.items() if len(members)}
 
 
 def _split_summary(test: Split) -> dict[str, Any]:
