@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-from retrieval_service.source_tables import decayed_counts
+from shared.evaluation.baselines import RecentPopular, TrainPart, top_k
 from shared.evaluation.protocols import PROTOCOLS, Split, split, validation_split
 from shared.interactions import recency_weights
 from shared.loaders import add_dataset_arguments, load_from_arguments
@@ -27,16 +25,12 @@ PRIOR_WEIGHTS = (0.0, 100.0, 1000.0)
 
 def popularity_ndcg(test: Split, half_life_days: float | None, prior_weight: float, k: int) -> float:
     """NDCG@k of one popularity list for every evaluated user, their train items removed."""
-    train = test.train
-    counts = decayed_counts(train.events, len(train.catalog), test.request_time, half_life_days, prior_weight)
-    order = np.argsort(-counts, kind="stable")
     matrix = test.train_matrix()
+    popular = RecentPopular(half_life_days, prior_weight)
+    popular.fit(TrainPart(matrix, test.train.events, test.request_time))
     users = test.evaluated_users
-    lists = []
-    for user in users:
-        seen = matrix.indices[matrix.indptr[user] : matrix.indptr[user + 1]]
-        lists.append(order[~np.isin(order, seen)][:k])
-    return top_k_metrics(lists, [test.test_items[user] for user in users], k, len(train.catalog))[f"ndcg@{k}"]
+    lists = top_k(popular, matrix, users, k)
+    return top_k_metrics(lists, [test.test_items[user] for user in users], k, matrix.shape[1])[f"ndcg@{k}"]
 
 
 def recent_weight(test: Split, half_life_days: float) -> float:

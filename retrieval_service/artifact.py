@@ -28,7 +28,6 @@ from retrieval_service.shards import shard_artifact_name, shard_assignments
 from retrieval_service.source_tables import (
     GlobalTables,
     SourceTables,
-    decayed_counts,
     global_tables,
     load_source_tables,
     write_shard_tables,
@@ -39,6 +38,7 @@ from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, new_versio
 from shared.config import DEFAULT_NPROBE, IndexBuildSettings
 from shared.data import Dataset
 from shared.embeddings import TextEmbedder
+from shared.interactions import decayed_counts
 from shared.logs import event
 
 log = logging.getLogger(__name__)

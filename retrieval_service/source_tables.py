@@ -31,7 +31,7 @@ import scipy.sparse as sp
 from shared.artifacts import Artifact, ArtifactWriter
 from shared.config import CovisitationSettings, IndexBuildSettings, ItemModelSettings
 from shared.data import Dataset, Events
-from shared.interactions import event_weights, recency_weights
+from shared.interactions import decayed_counts, recency_weights
 from shared.item_model import fit_item_model, tuned_item_model
 
 ATTRIBUTE_FILES = ("item_categories.npy", "item_brands.npy", "item_prices.npy", "item_stock.npy")
@@ -158,25 +158,6 @@ class SourceTables:
 def _codes(values: npt.NDArray[np.str_]) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.str_]]:
     names, codes = np.unique(values, return_inverse=True)
     return codes.astype(np.int32), names.astype(np.str_)
-
-
-def decayed_counts(
-    events: Events, n_items: int, cutoff: int, half_life_days: float | None, prior_weight: float = 0.0
-) -> npt.NDArray[np.float32]:
-    """Intent-weighted interactions per item as of ``cutoff``, each decayed with
-    ``half_life_days`` (None: not decayed), plus ``prior_weight`` spread over the items by
-    their all-time shares: with little weight in the recent window, the all-time order
-    decides; with much, the recent one."""
-    intent = event_weights(events.event_code).astype(np.float64)
-    all_time = np.bincount(events.item_index, weights=intent, minlength=n_items)
-    if half_life_days is None:
-        counts = all_time
-    else:
-        decayed = recency_weights(events.event_code, events.timestamp, cutoff, half_life_days)
-        counts = np.bincount(events.item_index, weights=decayed, minlength=n_items)
-    if prior_weight > 0 and all_time.sum() > 0:
-        counts = counts + prior_weight * all_time / all_time.sum()
-    return counts.astype(np.float32)
 
 
 def covisitation_matrix(events: Events, n_items: int, cutoff: int, settings: CovisitationSettings) -> sp.csr_matrix:

@@ -54,6 +54,25 @@ def recency_weights(
     return (event_weights(event_code) * decay).astype(np.float32)
 
 
+def decayed_counts(
+    events: Events, n_items: int, cutoff: int, half_life_days: float | None, prior_weight: float = 0.0
+) -> npt.NDArray[np.float32]:
+    """Intent-weighted interactions per item as of ``cutoff``, each decayed with
+    ``half_life_days`` (None: not decayed), plus ``prior_weight`` spread over the items by
+    their all-time shares: with little weight in the recent window, the all-time order
+    decides; with much, the recent one."""
+    intent = event_weights(events.event_code).astype(np.float64)
+    all_time = np.bincount(events.item_index, weights=intent, minlength=n_items)
+    if half_life_days is None:
+        counts = all_time
+    else:
+        decayed = recency_weights(events.event_code, events.timestamp, cutoff, half_life_days)
+        counts = np.bincount(events.item_index, weights=decayed, minlength=n_items)
+    if prior_weight > 0 and all_time.sum() > 0:
+        counts = counts + prior_weight * all_time / all_time.sum()
+    return counts.astype(np.float32)
+
+
 def ranker_label_mask(events: Events, split: str, window: float, seed: int = 7, draw: int = 0) -> npt.NDArray[np.bool_]:
     """The events a ranker learns to predict; every other event is its history.
 

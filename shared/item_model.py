@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from shared.config import ItemModelSettings
 from shared.data import Dataset, Events
-from shared.evaluation.baselines import EASE, EASE_BASELINE, ease_weights, tune
+from shared.evaluation.baselines import EASE, EASE_BASELINE, TrainPart, ease_weights, tune
 from shared.evaluation.protocols import Split, split
 from shared.logs import event
 
@@ -147,7 +147,7 @@ def _tune(dataset: Dataset, settings: ItemModelSettings, seed: int, active: npt.
         sessions = session_rows(events, column[events.item_index], len(active), train.nnz, candidate)
         baseline = replace(EASE_BASELINE, build=functools.partial(EASE, extra_rows=sessions), grid={"l2": grid})
         held_out = [column[items] for items in validation.test_items]
-        tuned = tune(baseline, train, held_out, validation.evaluated_users, TUNING_K)
+        tuned = tune(baseline, TrainPart(train), held_out, validation.evaluated_users, TUNING_K)
         return [(float(params["l2"]), ndcg) for params, ndcg in tuned.trials]
 
     chosen = settings

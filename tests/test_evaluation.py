@@ -12,9 +12,19 @@ import scipy.sparse as sp
 
 from shared.commands import training_index_name
 from shared.config import VitrineSettings
-from shared.data import Dataset
+from shared.data import VIEW, Dataset, Events
 from shared.datagen import GeneratorConfig, generate
-from shared.evaluation.baselines import ALS, BASELINES, EASE, ItemKNN, MostPopular, top_k, tune
+from shared.evaluation.baselines import (
+    ALS,
+    BASELINES,
+    EASE,
+    ItemKNN,
+    MostPopular,
+    RecentPopular,
+    TrainPart,
+    top_k,
+    tune,
+)
 from shared.evaluation.protocols import interaction_matrix, split, validation_split
 from shared.evaluation.report import group_table
 from shared.evaluation.run import CANDIDATE_SIZES, MethodResult, Results, evaluate, list_metrics, user_groups
@@ -106,7 +116,7 @@ def test_ease_matches_the_closed_form_and_top_k_excludes_seen_items() -> None:
     dense = (rng.random((30, 12)) < 0.3).astype(np.float32)
     matrix = sp.csr_matrix(dense)
     ease = EASE(l2=5.0)
-    ease.fit(matrix)
+    ease.fit(TrainPart(matrix))
     gram = dense.T @ dense + 5.0 * np.eye(12)
     precision = np.linalg.inv(gram)
     weights = -precision / np.diag(precision)
@@ -118,6 +128,38 @@ def test_ease_matches_the_closed_form_and_top_k_excludes_seen_items() -> None:
         assert not set(ranked.tolist()) & set(np.flatnonzero(dense[user]).tolist())
 
 
+def test_recent_popular_ranks_by_decayed_counts_and_answers_newcomers_itself() -> None:
+    """Item 0: three views 30 days before now; item 1: one view now; item 2: one view 30
+    days ago. User 2 has no train item and gets the baseline's own order, not all time's."""
+    day = 86_400
+    now = 100 * day
+    events = Events(
+        user_index=np.array([0, 0, 1, 1, 0], np.int32),
+        item_index=np.array([0, 0, 0, 1, 2], np.int32),
+        event_code=np.full(5, VIEW, np.int8),
+        timestamp=np.array([now - 30 * day] * 3 + [now, now - 30 * day], np.int64),
+        device=np.full(5, "web"),
+        session_id=np.full(5, "s"),
+    )
+    matrix = sp.csr_matrix(np.array([[1, 0, 1], [1, 1, 0], [0, 0, 0]], np.float32))
+    train = TrainPart(matrix, events, now)
+    recent = RecentPopular(half_life_days=10.0)
+    recent.fit(train)
+    # 3 x 0.5^3 = 0.375 for item 0, 1 for item 1, 0.125 for item 2.
+    assert np.allclose(recent.scores(np.array([2])), [[0.375, 1.0, 0.125]])
+    assert top_k(recent, matrix, np.array([2]), k=2)[0].tolist() == [1, 0]
+    # All time counts each event once; a prior of 4 spread by all-time shares (3/5, 1/5, 1/5).
+    for half_life, prior, expected in ((None, 0.0, [3.0, 1.0, 1.0]), (10.0, 4.0, [2.775, 1.8, 0.925])):
+        model = RecentPopular(half_life_days=half_life, prior_weight=prior)
+        model.fit(train)
+        assert np.allclose(model.scores(np.array([0, 2])), [expected, expected])
+    popular = MostPopular()
+    popular.fit(train)
+    assert top_k(popular, matrix, np.array([2]), k=2)[0][0] == 0  # items 1 and 2 tie
+    with pytest.raises(ValueError, match="needs the train events"):
+        RecentPopular(half_life_days=10.0).fit(TrainPart(matrix))
+
+
 def test_every_baseline_beats_chance_on_structured_data(small: Dataset) -> None:
     """Real fits (implicit's ALS included) on the generator's taste clusters."""
     result = split(small, "random", seed=1)
@@ -127,8 +169,15 @@ def test_every_baseline_beats_chance_on_structured_data(small: Dataset) -> None:
 
     relevant = [result.test_items[u] for u in users]
     chance = np.mean([len(items) / len(small.catalog) for items in relevant]) * 10
-    for recommender in (MostPopular(), ItemKNN(neighbours=50), EASE(l2=100.0), ALS(16, 0.1, 5.0, iterations=5)):
-        recommender.fit(matrix)
+    train = TrainPart(matrix, result.train.events, result.request_time)
+    for recommender in (
+        MostPopular(),
+        RecentPopular(half_life_days=7.0),
+        ItemKNN(neighbours=50),
+        EASE(l2=100.0),
+        ALS(16, 0.1, 5.0, iterations=5),
+    ):
+        recommender.fit(train)
         precision = top_k_metrics(top_k(recommender, matrix, users, 10), relevant, 10, len(small.catalog))
         assert precision["precision@10"] > 2 * chance / 10, type(recommender).__name__
 
@@ -138,7 +187,7 @@ def test_tuning_picks_the_best_validation_setting(small: Dataset) -> None:
     ease = next(b for b in BASELINES if b.name == "ease")
     tuned = tune(
         replace(ease, grid={"l2": [1.0, 100.0, 1e6]}),
-        validation.train_matrix(),
+        TrainPart(validation.train_matrix()),
         validation.test_items,
         validation.evaluated_users,
         10,
@@ -159,6 +208,7 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
     names = {method["name"]: method for method in written["methods"]}
     assert set(names) == {
         "most-popular",
+        "recent-popular",
         "item-knn",
         "ease",
         "als",

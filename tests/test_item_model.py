@@ -28,7 +28,7 @@ from ranking_service.training import assemble, label_mask, replay_requests
 from shared.artifacts import ArtifactError
 from shared.config import ItemModelSettings, RankerBuildSettings, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
-from shared.evaluation.baselines import EASE, EASE_BASELINE, ease_weights, tune
+from shared.evaluation.baselines import EASE, EASE_BASELINE, TrainPart, ease_weights, tune
 from shared.evaluation.protocols import split
 from shared.interactions import event_weights
 from shared.item_model import fit_item_model, session_index, session_rows, tuned_item_model
@@ -168,7 +168,10 @@ def _validation_ndcgs(
     rows = session_rows(events, column[events.item_index], len(active), train.nnz, settings)
     ease = replace(EASE_BASELINE, build=functools.partial(EASE, extra_rows=rows), grid={"l2": grid})
     held_out = [column[items] for items in validation.test_items]
-    return {params["l2"]: ndcg for params, ndcg in tune(ease, train, held_out, validation.evaluated_users, 10).trials}
+    return {
+        params["l2"]: ndcg
+        for params, ndcg in tune(ease, TrainPart(train), held_out, validation.evaluated_users, 10).trials
+    }
 
 
 def test_tuning_picks_the_gap_on_one_split_then_l2_by_the_mean_of_its_splits(

@@ -16,13 +16,13 @@ from ranking_service.retrieval_client import RetrievalOptions, ShardedRetrievalC
 from retrieval_service.artifact import load_index_artifact
 from retrieval_service.retriever import Retriever
 from retrieval_service.server import start_retrieval_server
-from retrieval_service.source_tables import EMPTY_NEIGHBOURS, decayed_counts
+from retrieval_service.source_tables import EMPTY_NEIGHBOURS
 from retrieval_service.sources import SourceAnswer, merge, quotas
 from shared.artifacts import open_current
 from shared.config import IndexBuildSettings, ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
 from shared.evaluation.baselines import EASE_BASELINE
-from shared.interactions import EVENT_CONFIDENCE
+from shared.interactions import EVENT_CONFIDENCE, decayed_counts
 from shared.item_model import fit_item_model
 from shared.proto.vitrine.v1 import catalog_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity

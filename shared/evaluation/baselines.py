@@ -1,7 +1,8 @@
 """Baselines, each tuned on a validation split carved from train: a weak baseline proves nothing.
 
-Every recommender fits on a binary users x items matrix and scores items for a batch of
-users; ``top_k`` turns scores into lists with the user's train items excluded.
+Every recommender fits on a train part (a binary users x items matrix, and the events
+with their times for the one that needs them) and scores items for a batch of users;
+``top_k`` turns scores into lists with the user's train items excluded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from shared.data import Events
+from shared.interactions import decayed_counts
 from shared.metrics import top_k_metrics
 
 Scores = npt.NDArray[np.float32]
@@ -25,15 +28,49 @@ USER_BATCH = 1024
 EASE_MAX_ITEMS = 30_000
 
 
+@dataclass(frozen=True)
+class TrainPart:
+    matrix: sp.csr_matrix
+    # The interactions behind ``matrix`` with their times, and the "now" of the requests:
+    # for the time-aware baseline; None where only the matrix is at hand.
+    events: Events | None = None
+    now: int = 0
+
+
 class Recommender(Protocol):
-    def fit(self, matrix: sp.csr_matrix) -> None: ...
+    # False: users without train items are answered with all-time popularity (top_k).
+    answers_newcomers: bool
+
+    def fit(self, train: TrainPart) -> None: ...
 
     def scores(self, users: npt.NDArray[np.int64]) -> Scores: ...
 
 
 class MostPopular:
-    def fit(self, matrix: sp.csr_matrix) -> None:
-        self._counts = np.asarray(matrix.sum(axis=0), dtype=np.float32).ravel()
+    answers_newcomers = True
+
+    def fit(self, train: TrainPart) -> None:
+        self._counts = np.asarray(train.matrix.sum(axis=0), dtype=np.float32).ravel()
+
+    def scores(self, users: npt.NDArray[np.int64]) -> Scores:
+        return np.tile(self._counts, (len(users), 1))
+
+
+class RecentPopular(MostPopular):
+    """Most popular as of the requests' now: interactions decayed with ``half_life_days``
+    (None: all time) plus ``prior_weight`` spread by all-time shares. On a time split
+    the recent weeks' favourites beat all time's; a temporal evaluation without this
+    baseline flatters any method that knows what is recent."""
+
+    def __init__(self, half_life_days: float | None, prior_weight: float = 0.0) -> None:
+        self._half_life_days = half_life_days
+        self._prior_weight = prior_weight
+
+    def fit(self, train: TrainPart) -> None:
+        if train.events is None:
+            raise ValueError("RecentPopular needs the train events with their times, not only the matrix")
+        n_items = train.matrix.shape[1]
+        self._counts = decayed_counts(train.events, n_items, train.now, self._half_life_days, self._prior_weight)
 
     def scores(self, users: npt.NDArray[np.int64]) -> Scores:
         return np.tile(self._counts, (len(users), 1))
@@ -42,13 +79,15 @@ class MostPopular:
 class ItemKNN:
     """Cosine item-item similarity, each item keeping its ``neighbours`` most similar items."""
 
+    answers_newcomers = False
+
     def __init__(self, neighbours: int, shrink: float = 0.0) -> None:
         self._neighbours = neighbours
         self._shrink = shrink
 
-    def fit(self, matrix: sp.csr_matrix) -> None:
-        self._matrix = matrix
-        columns = matrix.tocsc().astype(np.float32)
+    def fit(self, train: TrainPart) -> None:
+        self._matrix = train.matrix
+        columns = train.matrix.tocsc().astype(np.float32)
         norms = np.sqrt(np.asarray(columns.multiply(columns).sum(axis=0)).ravel())
         co_counts = (columns.T @ columns).toarray()
         similarity = co_counts / (np.outer(norms, norms) + self._shrink + 1e-9)
@@ -80,13 +119,15 @@ def ease_weights(matrix: sp.csr_matrix, l2: float, max_items: int = EASE_MAX_ITE
 class EASE:
     """Embarrassingly Shallow Autoencoder (Steck, 2019): closed-form item-item weights."""
 
+    answers_newcomers = False
+
     def __init__(self, l2: float, extra_rows: sp.csr_matrix | None = None) -> None:
         self._l2 = l2
         # Rows fitted on beside the users' (the item model's sessions), never scored.
         self._extra_rows = extra_rows
 
-    def fit(self, matrix: sp.csr_matrix) -> None:
-        self._matrix = matrix
+    def fit(self, train: TrainPart) -> None:
+        self._matrix = matrix = train.matrix
         fitted = matrix if self._extra_rows is None else sp.vstack([matrix, self._extra_rows], format="csr")
         self._weights = ease_weights(fitted, self._l2)
 
@@ -97,17 +138,19 @@ class EASE:
 class ALS:
     """Implicit-feedback ALS from the `implicit` library (Hu, Koren & Volinsky, 2008)."""
 
+    answers_newcomers = False
+
     def __init__(self, factors: int, regularization: float, alpha: float, iterations: int = 15, seed: int = 7) -> None:
         self._params = {"factors": factors, "regularization": regularization, "alpha": alpha, "iterations": iterations}
         self._seed = seed
 
-    def fit(self, matrix: sp.csr_matrix) -> None:
+    def fit(self, train: TrainPart) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
 
         # implicit parallelises itself and asks for single-threaded BLAS.
         with threadpool_limits(limits=1, user_api="blas"):
             model = AlternatingLeastSquares(**self._params, random_state=self._seed, calculate_training_loss=False)
-            model.fit(matrix, show_progress=False)
+            model.fit(train.matrix, show_progress=False)
         self._users = np.asarray(model.user_factors, dtype=np.float32)
         self._items = np.asarray(model.item_factors, dtype=np.float32)
 
@@ -120,8 +163,9 @@ def top_k(
 ) -> list[npt.NDArray[np.int32]]:
     """Each user's k best items that are not among their train items (``matrix``).
 
-    Users without train items get the most popular items: a personalised model has
-    nothing to say about them, and a baseline that answers at random would be a strawman.
+    Users without train items get the most popular items unless the recommender answers
+    them itself: a personalised model has nothing to say about them, and a baseline that
+    answers at random would be a strawman.
     """
     popularity = np.asarray(matrix.sum(axis=0), dtype=np.float32).ravel()
     history_sizes = np.diff(matrix.indptr)
@@ -129,7 +173,8 @@ def top_k(
     for start in range(0, len(users), USER_BATCH):
         batch = users[start : start + USER_BATCH]
         scores = recommender.scores(batch).astype(np.float32, copy=True)
-        scores[history_sizes[batch] == 0] = popularity
+        if not recommender.answers_newcomers:
+            scores[history_sizes[batch] == 0] = popularity
         seen = matrix[batch].tocoo()
         scores[seen.row, seen.col] = -np.inf
         best = np.argpartition(-scores, k, axis=1)[:, :k]
@@ -156,6 +201,11 @@ class Baseline:
 EASE_BASELINE = Baseline("ease", EASE, {"l2": [50.0, 100.0, 200.0, 300.0, 500.0, 1000.0]}, max_items=EASE_MAX_ITEMS)
 BASELINES: tuple[Baseline, ...] = (
     Baseline("most-popular", lambda: MostPopular()),
+    Baseline(
+        "recent-popular",
+        RecentPopular,
+        {"half_life_days": [1.0, 3.0, 7.0, 14.0, 30.0, 90.0, None], "prior_weight": [0.0, 1000.0]},
+    ),
     Baseline("item-knn", ItemKNN, {"neighbours": [5, 10, 20, 50, 100], "shrink": [0.0, 10.0, 50.0]}),
     EASE_BASELINE,
     Baseline(
@@ -176,7 +226,7 @@ class Tuned:
 
 def tune(
     baseline: Baseline,
-    train: sp.csr_matrix,
+    train: TrainPart,
     held_out: Sequence[npt.NDArray[np.int32]],
     users: npt.NDArray[np.int64],
     k: int,
@@ -187,8 +237,8 @@ def tune(
     for params in baseline.settings():
         recommender = baseline.build(**params)
         recommender.fit(train)
-        lists = top_k(recommender, train, users, k)
-        ndcg = top_k_metrics(lists, [held_out[user] for user in users], k, train.shape[1])[f"ndcg@{k}"]
+        lists = top_k(recommender, train.matrix, users, k)
+        ndcg = top_k_metrics(lists, [held_out[user] for user in users], k, train.matrix.shape[1])[f"ndcg@{k}"]
         trials.append((params, ndcg))
     best_params, best_ndcg = max(trials, key=lambda trial: trial[1])
     return Tuned(best_params, best_ndcg, trials, time.perf_counter() - started)

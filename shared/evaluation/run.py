@@ -15,7 +15,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from shared.data import Dataset
-from shared.evaluation.baselines import BASELINES, Baseline, top_k, tune
+from shared.evaluation.baselines import BASELINES, Baseline, TrainPart, top_k, tune
 from shared.evaluation.pipeline import FUSED, SOURCE_CANDIDATES, run_vitrine
 from shared.evaluation.protocols import Protocol, Split, split, validation_split
 from shared.evaluation.report import write_report
@@ -117,19 +117,21 @@ def evaluate(
 def _baselines(
     test: Split, validation: Split, k: int, scored: Any, baselines: Sequence[Baseline]
 ) -> list[MethodResult]:
-    train = test.train_matrix()
-    validation_train = validation.train_matrix()
+    train = _train_part(test)
+    validation_train = _train_part(validation)
     results = []
     for baseline in tqdm(baselines, desc="baselines", unit="method"):
-        if baseline.max_items is not None and train.shape[1] > baseline.max_items:
-            event(log, "baseline skipped", method=baseline.name, items=train.shape[1], limit=baseline.max_items)
+        n_items = train.matrix.shape[1]
+        if baseline.max_items is not None and n_items > baseline.max_items:
+            event(log, "baseline skipped", method=baseline.name, items=n_items, limit=baseline.max_items)
             continue
         tuned = tune(baseline, validation_train, validation.test_items, validation.evaluated_users, k)
         started = time.perf_counter()
         recommender = baseline.build(**tuned.params)
         recommender.fit(train)
-        lists: list[npt.NDArray[np.int32]] = [np.zeros(0, dtype=np.int32)] * train.shape[0]
-        for user, ranked in zip(test.evaluated_users, top_k(recommender, train, test.evaluated_users, k), strict=True):
+        lists: list[npt.NDArray[np.int32]] = [np.zeros(0, dtype=np.int32)] * train.matrix.shape[0]
+        ranked_lists = top_k(recommender, train.matrix, test.evaluated_users, k)
+        for user, ranked in zip(test.evaluated_users, ranked_lists, strict=True):
             lists[user] = ranked
         seconds = time.perf_counter() - started + tuned.seconds
         event(log, "baseline tuned", method=baseline.name, params=tuned.params, validation_ndcg=tuned.validation_ndcg)
@@ -139,6 +141,10 @@ def _baselines(
             )
         )
     return results
+
+
+def _train_part(part: Split) -> TrainPart:
+    return TrainPart(part.train_matrix(), part.train.events, part.request_time)
 
 
 def list_metrics(
