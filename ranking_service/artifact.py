@@ -176,7 +176,7 @@ def load_ranker_model(artifact: Artifact) -> RankerModel:
         prior = score_prior(recorded_build_settings(artifact.params, artifact.path))
     except ValueError as error:
         raise ArtifactError(f"{artifact.path}: {error}") from error
-    return RankerModel(booster, prior)
+    return RankerModel(booster, prior, bool(artifact.params.get("ranks_cold_start", True)))
 
 
 def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | None = None) -> LoadedRanker:

@@ -30,7 +30,7 @@ from ranking_service.fresh_items import FreshItems
 from ranking_service.online import OnlineUserState, with_online_events
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.rules import Candidates, RuleContext, RuleEffect, apply_chain, build_chain, merge_rules
-from ranking_service.scoring import RankerModel, Scorer
+from ranking_service.scoring import RankerModel, Scorer, in_retrieval_order
 from ranking_service.store import UserHistory
 from shared.config import RankingSettings, RulesOverrides, RulesSettings
 from shared.data import DEVICES
@@ -312,6 +312,8 @@ class RankingPipeline:
         features = self.features(history, context, candidates)
         lap("features")
         scores = scorer.predict(features.values)
+        if cold_start and not model.ranks_cold_start:
+            scores = in_retrieval_order(scores)
         lap("predict")
         rows = candidates.rows
         items = self.ranker.items

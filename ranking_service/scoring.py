@@ -90,6 +90,9 @@ class RankerModel:
 
     booster: lgb.Booster
     prior: ScorePrior | None = None
+    # False: cold-start requests keep retrieval's order (the build's cold-start gate,
+    # ranking_service/training.py: gate_cold_start).
+    ranks_cold_start: bool = True
 
     def prior_scores(self, values: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         return self.prior.of(values) if self.prior is not None else np.zeros(len(values), np.float64)
@@ -98,6 +101,12 @@ class RankerModel:
         """LightGBM's own predict plus the prior."""
         trees = np.asarray(self.booster.predict(values, num_threads=threads), dtype=np.float64)
         return trees + self.prior_scores(values)
+
+
+def in_retrieval_order(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The request's scores handed out by candidate position, best first: the order is
+    retrieval's (candidates arrive in it), the scale stays the ranker's."""
+    return np.sort(scores)[::-1].copy()
 
 
 class Scorer:

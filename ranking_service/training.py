@@ -38,7 +38,7 @@ from ranking_service.artifact import (
 )
 from ranking_service.candidates import CandidateStage
 from ranking_service.capture import EVENTS, IMPRESSIONS, read_records
-from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES, FeatureBuilder, RequestContext
+from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.scoring import RankerModel, ScorePrior, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
@@ -288,13 +288,50 @@ def fit_ranker(
     return RankerModel(booster, prior), described
 
 
-def compare_on_holdout(model: RankerModel, holdout: RankingData) -> dict[str, float]:
-    """NDCG@10 of the ranker's order and of the retrieval order on the same candidates."""
-    ranker_ndcg, retrieval_ndcg = [], []
+def is_cold_start(features: npt.NDArray[np.float32]) -> bool:
+    """A request without history and session (its feature rows say so): retrieval answered
+    it with popular items."""
+    first = features[0]
+    return bool(first[FEATURE_INDEX["user_log_events"]] == 0 and first[FEATURE_INDEX["session_length"]] == 0)
+
+
+def _holdout_ndcgs(model: RankerModel, holdout: RankingData) -> tuple[list[float], list[float], list[bool]]:
+    """Per holdout request with a relevant candidate: NDCG@10 of the ranker's order (as
+    served: cold-start requests in retrieval order unless the model ranks them), of the
+    retrieval order, and whether it is a cold start."""
+    ranker_ndcg, retrieval_ndcg, cold = [], [], []
     for features, labels, all_labels in zip(holdout.features, holdout.labels, holdout.all_labels, strict=True):
-        scores = model.predict(features)
+        cold.append(is_cold_start(features))
+        scores = model.predict(features) if model.ranks_cold_start or not cold[-1] else -np.arange(len(labels))
         ranker_ndcg.append(ndcg_at_k(labels[np.argsort(-scores, kind="stable")], EVAL_K, all_labels))
         retrieval_ndcg.append(ndcg_at_k(labels, EVAL_K, all_labels))  # candidates arrive in retrieval order
+    return ranker_ndcg, retrieval_ndcg, cold
+
+
+def gate_cold_start(
+    model: RankerModel, holdout: RankingData, settings: RankerBuildSettings
+) -> tuple[RankerModel, dict[str, Any]]:
+    """Whether the ranker orders cold-start requests: only where the holdout's cold requests
+    show it beating retrieval's popularity order (``settings.cold_start_gate``), with the
+    figures that decided it."""
+    ranker_ndcg, retrieval_ndcg, cold = _holdout_ndcgs(replace(model, ranks_cold_start=True), holdout)
+    cold_ranker = [ndcg for ndcg, is_cold in zip(ranker_ndcg, cold, strict=True) if is_cold]
+    cold_retrieval = [ndcg for ndcg, is_cold in zip(retrieval_ndcg, cold, strict=True) if is_cold]
+    enough = len(cold_ranker) >= settings.cold_start_min_holdout_requests
+    ranks = not settings.cold_start_gate or (enough and mean(cold_ranker) > mean(cold_retrieval))
+    figures: dict[str, Any] = {
+        "holdout_cold_start_requests": len(cold_ranker),
+        f"holdout_cold_start_ndcg@{EVAL_K}_ranker": round(mean(cold_ranker), 4) if cold_ranker else None,
+        f"holdout_cold_start_ndcg@{EVAL_K}_retrieval_order": round(mean(cold_retrieval), 4) if cold_ranker else None,
+        "ranks_cold_start": ranks,
+    }
+    event(log, "cold-start gate", **figures, gate=settings.cold_start_gate)
+    return replace(model, ranks_cold_start=ranks), figures
+
+
+def compare_on_holdout(model: RankerModel, holdout: RankingData) -> dict[str, float]:
+    """NDCG@10 of the ranker's order (as served) and of the retrieval order on the same candidates."""
+    ranker_ndcg, retrieval_ndcg, _ = _holdout_ndcgs(model, holdout)
     # Requests where retrieval found nothing relevant score 0 for both orders.
     misses = holdout.requests - holdout.with_relevant_candidate
     ranker = mean(ranker_ndcg + [0.0] * misses)
@@ -424,10 +461,12 @@ def train_ranker_artifact(
             "the dataset is too small or the label window too short"
         )
     model, lgb_params = fit_ranker(train, settings, score_prior(settings))
+    model, cold_start = gate_cold_start(model, holdout, settings)
     metrics: dict[str, Any] = {
         "train_requests": train.requests,
         "train_requests_with_relevant_candidate": train.with_relevant_candidate,
         **compare_on_holdout(model, holdout),
+        **cold_start,
         "train_seconds": round(time.perf_counter() - started, 2),
     }
     snapshot_at = int(dataset.events.timestamp.max()) + 1
@@ -445,6 +484,7 @@ def train_ranker_artifact(
         "ranker_build": settings.model_dump(),
         "lightgbm": lgb_params,
         "feature_importance_gain": importance(model.booster),
+        "ranks_cold_start": model.ranks_cold_start,
     }
     return write_ranker_artifact(root, model.booster, items, dataset, snapshot_at, params, metrics, served_item_model)
 
@@ -616,10 +656,12 @@ def train_ranker_from_logs(
     snapshot = load_ranker_snapshot(root, version=base_version)
     # The new ranker keeps the base's build settings (they are recorded with it), so also its prior.
     model, lgb_params = fit_ranker(train, settings, score_prior(recorded_build_settings(snapshot.params, root)))
+    model, cold_start = gate_cold_start(model, holdout, settings)
     metrics: dict[str, Any] = {
         "train_requests": train.requests,
         "train_requests_with_relevant_candidate": train.with_relevant_candidate,
         **compare_on_holdout(model, holdout),
+        **cold_start,
         "train_seconds": 0.0,
     }
     dataset, snapshot_at = snapshot_with_logged_events(snapshot, events)
@@ -637,6 +679,7 @@ def train_ranker_from_logs(
         "from_logs_settings": settings.model_dump(),
         "lightgbm": lgb_params,
         "feature_importance_gain": importance(model.booster),
+        "ranks_cold_start": model.ranks_cold_start,
     }
     # The logged features came from the base's item model: the new one is refitted on the
     # grown snapshot with the base's settings, not tuned again.

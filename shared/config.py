@@ -272,6 +272,13 @@ class RankerBuildSettings(BaseModel):
     # 0.233); from this prior they reach 0.235 (docs/evaluation.md). None: trees only.
     prior_feature: str | None = "item_model_relative"
     prior_weight: float = Field(2.0, ge=0)
+    # Cold-start requests (no history, no session) keep retrieval's popularity order unless
+    # at least cold_start_min_holdout_requests of them among the holdout users show the
+    # ranker ordering them better: trained mostly on users with a history, it reordered
+    # newcomers' popular items below that order on both real time splits measured
+    # (docs/evaluation.md). False: the ranker orders every request.
+    cold_start_gate: bool = True
+    cold_start_min_holdout_requests: int = Field(20, ge=1)
     num_trees: int = Field(300, ge=1)
     num_leaves: int = Field(31, ge=2)
     # A slow rate with a long patience: early stopping on NDCG over a few hundred users is

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightgbm as lgb
 import numpy as np
 import pytest
 
 from ranking_service.artifact import load_ranker_artifact
+from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES
+from ranking_service.scoring import RankerModel, in_retrieval_order
 from ranking_service.store import co_interactions
-from ranking_service.training import label_mask, replay_requests, validation_groups
+from ranking_service.training import (
+    RankingData,
+    compare_on_holdout,
+    gate_cold_start,
+    label_mask,
+    replay_requests,
+    validation_groups,
+)
 from shared.cli import main
-from shared.config import VitrineSettings
+from shared.config import RankerBuildSettings, VitrineSettings
 from shared.data import Dataset
 from shared.interactions import ranker_label_mask
 from tests.conftest import BuiltArtifacts
@@ -26,6 +36,71 @@ def test_ranker_beats_retrieval_order_on_held_out_users(artifacts: BuiltArtifact
     retrieval = metrics["holdout_ndcg@10_retrieval_order"]
     assert metrics["holdout_requests"] >= 50
     assert ranker > retrieval * (1 + MIN_NDCG_LIFT), f"ranker NDCG@10 {ranker} vs retrieval order {retrieval}"
+
+
+def _popularity_ranker() -> RankerModel:
+    """A real LightGBM ranker that learned "higher item_log_popularity, more relevant"."""
+    rng = np.random.default_rng(0)
+    values = rng.random((400, len(FEATURE_NAMES))).astype(np.float32)
+    labels = (values[:, FEATURE_INDEX["item_log_popularity"]] > 0.5).astype(np.int32)
+    params = {"objective": "lambdarank", "verbose": -1, "min_data_in_leaf": 5}
+    return RankerModel(lgb.train(params, lgb.Dataset(values, labels, group=[10] * 40), num_boost_round=10))
+
+
+def _holdout(cold: int, warm: int, relevant_at: int, relevant_is_popular: bool) -> RankingData:
+    """Requests of 10 candidates in retrieval order, the relevant one at ``relevant_at``;
+    it is the one popular candidate or the one unpopular. Cold requests have no history
+    and no session."""
+    data = RankingData.empty()
+    popularity = FEATURE_INDEX["item_log_popularity"]
+    for request in range(cold + warm):
+        values = np.zeros((10, len(FEATURE_NAMES)), np.float32)
+        values[:, popularity] = 0.1 if relevant_is_popular else 0.9
+        values[relevant_at, popularity] = 0.9 if relevant_is_popular else 0.1
+        values[:, FEATURE_INDEX["user_log_events"]] = 0.0 if request < cold else 2.0
+        data.features.append(values)
+        data.labels.append(np.eye(10, dtype=np.int32)[relevant_at])
+        data.all_labels.append(np.ones(1, np.int32))
+        data.user_ids.append(f"u{request}")
+    data.requests = data.with_relevant_candidate = cold + warm
+    return data
+
+
+def test_the_cold_start_gate_keeps_retrieval_order_where_the_holdout_says_so() -> None:
+    ranker = _popularity_ranker()
+    settings = RankerBuildSettings(cold_start_min_holdout_requests=20)
+    # The ranker pushes the relevant first candidate down: on 25 cold requests that is
+    # evidence against it, so cold requests keep retrieval's order, warm ones do not.
+    losing = _holdout(cold=25, warm=5, relevant_at=0, relevant_is_popular=False)
+    gated, figures = gate_cold_start(ranker, losing, settings)
+    assert not gated.ranks_cold_start
+    assert figures["ranks_cold_start"] is False
+    assert figures["holdout_cold_start_requests"] == 25
+    assert figures["holdout_cold_start_ndcg@10_retrieval_order"] == 1.0
+    assert figures["holdout_cold_start_ndcg@10_ranker"] < 0.5
+    served = compare_on_holdout(gated, losing)["holdout_ndcg@10_ranker"]
+    assert compare_on_holdout(ranker, losing)["holdout_ndcg@10_ranker"] < served < 1.0
+    assert served == pytest.approx((25 * 1.0 + 5 * figures["holdout_cold_start_ndcg@10_ranker"]) / 30, abs=1e-3)
+    # Evidence for the ranker opens the gate; too few cold requests is no evidence; and
+    # the gate can be switched off.
+    winning = _holdout(cold=25, warm=0, relevant_at=9, relevant_is_popular=True)
+    assert gate_cold_start(ranker, winning, settings)[0].ranks_cold_start
+    few = _holdout(cold=10, warm=5, relevant_at=9, relevant_is_popular=True)
+    assert not gate_cold_start(ranker, few, settings)[0].ranks_cold_start
+    assert gate_cold_start(ranker, losing, RankerBuildSettings(cold_start_gate=False))[0].ranks_cold_start
+
+
+def test_scores_in_retrieval_order_keep_the_rankers_scale() -> None:
+    scores = np.asarray([0.2, 0.9, -0.1, 0.5], np.float32)
+    assert in_retrieval_order(scores).tolist() == pytest.approx([0.9, 0.5, 0.2, -0.1])
+
+
+def test_the_session_ranker_records_its_gate(artifacts: BuiltArtifacts) -> None:
+    metrics, params = artifacts.ranker.metrics, artifacts.ranker.params
+    assert params["ranks_cold_start"] == metrics["ranks_cold_start"]
+    assert metrics["holdout_cold_start_requests"] >= 0
+    loaded = load_ranker_artifact(artifacts.root)
+    assert loaded.model.ranks_cold_start == params["ranks_cold_start"]
 
 
 def test_replayed_requests_split_by_time(
