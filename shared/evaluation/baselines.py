@@ -72,9 +72,6 @@ class RecentPopular(MostPopular):
         n_items = train.matrix.shape[1]
         self._counts = decayed_counts(train.events, n_items, train.now, self._half_life_days, self._prior_weight)
 
-    def scores(self, users: npt.NDArray[np.int64]) -> Scores:
-        return np.tile(self._counts, (len(users), 1))
-
 
 class ItemKNN:
     """Cosine item-item similarity, each item keeping its ``neighbours`` most similar items."""
