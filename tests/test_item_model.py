@@ -28,6 +28,7 @@ from ranking_service.training import assemble, label_mask, replay_requests
 from shared.artifacts import ArtifactError
 from shared.config import ItemModelSettings, RankerBuildSettings, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
+from shared.datagen import GeneratorConfig, generate
 from shared.evaluation.baselines import EASE, EASE_BASELINE, TrainPart, ease_weights, tune
 from shared.evaluation.protocols import split
 from shared.interactions import event_weights
@@ -174,9 +175,16 @@ def _validation_ndcgs(
     }
 
 
+@pytest.fixture(scope="module")
+def tuning_data() -> Dataset:
+    """Small enough that the tuning tests' many dense inverses stay cheap (500 items)."""
+    return generate(GeneratorConfig(seed=11, n_items=500, n_users=400, n_events=20_000))
+
+
 def test_tuning_picks_the_gap_on_one_split_then_l2_by_the_mean_of_its_splits(
-    dataset: Dataset, caplog: pytest.LogCaptureFixture
+    tuning_data: Dataset, caplog: pytest.LogCaptureFixture
 ) -> None:
+    dataset = tuning_data
     settings = ItemModelSettings(session_gaps_s=[60, 1800], session_gap_s=7, tune_splits=2, l2=300.0)
     with caplog.at_level(logging.INFO, logger="shared.item_model"):
         tuned = tuned_item_model(dataset, settings, seed=3)
@@ -217,9 +225,9 @@ def test_sessions_are_fitted_only_for_the_tasks_they_help() -> None:
 
 
 def test_tuning_again_on_the_same_events_answers_from_memory(
-    dataset: Dataset, caplog: pytest.LogCaptureFixture
+    tuning_data: Dataset, caplog: pytest.LogCaptureFixture
 ) -> None:
-    few = replace(dataset, events=dataset.events.select(dataset.events.user_index < 300))
+    few = replace(tuning_data, events=tuning_data.events.select(tuning_data.events.user_index < 300))
     settings = ItemModelSettings(session_gaps_s=[60], tune_splits=1, l2=123.0)
 
     def tune_logging(data: Dataset, with_settings: ItemModelSettings) -> tuple[ItemModelSettings, list[str]]:
