@@ -21,6 +21,11 @@ from pathlib import Path
 from shared.cli import Command, CommandRegistry, add_label_split_argument
 from shared.config import load_settings
 
+# For retrieval servers that only answer by user and history (the ranker's training replay,
+# vitrine evaluate): without free-text queries they skip loading the text model, ~8 s
+# per server on 2 cores (a random-split build starts one per label draw).
+NO_TEXT_QUERIES: Mapping[str, str] = {"VITRINE_RETRIEVAL__TEXT_QUERIES": "false"}
+
 
 def _configure_datagen(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset directory to write")
@@ -152,6 +157,7 @@ def run_build(data: Path, out: Path, label_split: str | None = None) -> None:
                     vitrine_command("serve", "retrieval", "--artifacts", str(out), "--index-name", name, *one_shard),
                     run_dir / f"retrieval-{name}.port",
                     run_dir / f"retrieval-{name}.log",
+                    env=NO_TEXT_QUERIES,
                 )
             )
             for name in names

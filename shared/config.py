@@ -102,6 +102,10 @@ _GAP_FILLING_SPLITS: list[LabelSplit] = ["random"]
 _NEXT_EVENT_SPLITS: list[LabelSplit] = ["global", "per_user"]
 
 
+# EASE's lambda values that vitrine evaluate's EASE baseline and the item model's tuning try.
+EASE_L2_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0)
+
+
 class ItemModelSettings(BaseModel):
     """The EASE item model (shared/item_model.py): retrieval's ``item_model`` source and the
     ranker's item_model_* features each fit one on the events their build may see."""
@@ -111,7 +115,7 @@ class ItemModelSettings(BaseModel):
     # Each item keeps its this many weights largest in magnitude.
     neighbours: int = Field(200, ge=1)
     # L2 of the closed form (EASE's lambda); tuned by the build when tune and at most
-    # tune_max_items items have events (the EASE baseline's grid, on a validation split).
+    # tune_max_items items have events (over l2_grid, on validation splits).
     l2: float = Field(300.0, gt=0)
     # Sessions' share of the fit against users' (0: EASE over users alone). Items touched
     # in one sitting are closer than items one user touched months apart; EASE fitted on
@@ -135,6 +139,8 @@ class ItemModelSettings(BaseModel):
     session_label_splits: list[LabelSplit] = Field(default_factory=lambda: _GAP_FILLING_SPLITS.copy())
     tune: bool = True
     tune_max_items: int = Field(5_000, ge=0)
+    # The l2 values tuning tries: each is one dense inverse per validation split.
+    l2_grid: list[Annotated[float, Field(gt=0)]] = Field(default_factory=lambda: list(EASE_L2_GRID), min_length=1)
     # l2 is tuned by the mean NDCG@10 of this many validation splits: on one split,
     # neighbouring l2 values differ by less than that split's noise (on the ranker's
     # feature events of MovieLens 100K, one split picked 1000; three agree on 300-500,

@@ -109,10 +109,10 @@ def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -
     """``settings`` tuned as the evaluation tunes its EASE baseline, by NDCG@10 on random
     per-user splits of ``dataset``'s events (seeds ``seed``, ``seed + 1``, ...): first the
     session gap (over ``session_gaps_s``, on the first split at ``l2``), then ``l2`` (over
-    the EASE baseline's grid, by the mean of ``tune_splits`` splits). Gaps differ by more
-    than one split's noise and l2 values by less, and each fit is a dense inverse: this
-    order costs gaps + grid x splits fits instead of their product. Unchanged when tuning
-    is off or more than ``tune_max_items`` items have events. A process asked again with
+    ``l2_grid``, by default the EASE baseline's grid, by the mean of ``tune_splits``
+    splits). Gaps differ by more than one split's noise and l2 values by less, and each fit
+    is a dense inverse: this order costs gaps + grid x splits fits instead of their
+    product. Unchanged when tuning is off or more than ``tune_max_items`` items have events. A process asked again with
     the same events, settings and seed answers from memory."""
     active = np.unique(dataset.events.item_index)
     if not settings.tune or not len(active) or len(active) > min(settings.tune_max_items, settings.max_items):
@@ -161,7 +161,7 @@ def _tune(dataset: Dataset, settings: ItemModelSettings, seed: int, active: npt.
         chosen = settings.model_copy(update={"session_gap_s": settings.session_gaps_s[0]})
     ndcgs: dict[float, list[float]] = {}
     for validation in validations:
-        for l2, ndcg in trials(validation, chosen, list(EASE_BASELINE.grid["l2"])):
+        for l2, ndcg in trials(validation, chosen, settings.l2_grid):
             ndcgs.setdefault(l2, []).append(ndcg)
     l2 = max(ndcgs, key=lambda value: float(np.mean(ndcgs[value])))
     event(

@@ -36,10 +36,16 @@ from tests.redis_helpers import RedisServer, free_port, start_redis, stop_redis
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__FACTORS", "[16]")
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__REGULARIZATION", "[1.0, 10.0]")
 os.environ.setdefault("VITRINE_INDEX_BUILD__ALS_TUNING__ALPHA", "[1.0]")
-# Likewise the item model's tuning runs on one validation split instead of three (its
-# averaging is tested in test_item_model.py with explicit settings).
+# Likewise the item model's tuning runs on one validation split and a two-point l2 grid
+# instead of three splits and six points (its averaging is tested in test_item_model.py
+# with explicit settings): each point is a dense inverse, ~1 s at the session's 2,000 items.
 for _build in ("INDEX_BUILD", "RANKER_BUILD"):
     os.environ.setdefault(f"VITRINE_{_build}__ITEM_MODEL__TUNE_SPLITS", "1")
+    os.environ.setdefault(f"VITRINE_{_build}__ITEM_MODEL__L2_GRID", "[300.0, 1000.0]")
+# Ranking processes the tests start score with LightGBM: compiling the trees costs 20 s of
+# a core per process and holds its exit for up to ranking.exit_compile_wait_s. The compile
+# is tested in test_scoring.py, and under SIGTERM in test_operations.py (which turns it on).
+os.environ.setdefault("VITRINE_RANKING__COMPILED_TREES", "false")
 
 TEST_DATA = GeneratorConfig(seed=11, n_items=2000, n_users=800, n_events=60_000)
 

@@ -209,6 +209,9 @@ def test_tuning_picks_the_gap_on_one_split_then_l2_by_the_mean_of_its_splits(
     # Without sessions there is no gap to tune.
     users_only = tuned_item_model(dataset, settings.model_copy(update={"session_weight": 0.0}), seed=3)
     assert users_only.session_gap_s == 7
+    # l2 is picked from l2_grid (here two values outside the default grid).
+    narrow = users_only.model_copy(update={"l2_grid": [77.0, 2000.0]})
+    assert tuned_item_model(dataset, narrow, seed=3).l2 in (77.0, 2000.0)
 
 
 def test_sessions_are_fitted_only_for_the_tasks_they_help() -> None:

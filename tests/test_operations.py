@@ -489,6 +489,8 @@ def test_sigterm_under_load_drains_in_flight_requests(
             ],
             stdout=log,
             stderr=log,
+            # A compile of the trees may run when SIGTERM comes: the exit must wait for it.
+            env={**os.environ, "VITRINE_RANKING__COMPILED_TREES": "true"},
         )
         try:
             deadline = time.monotonic() + 120
@@ -589,6 +591,7 @@ def test_the_supervisor_waits_as_its_settings_say(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("VITRINE_RETRIEVAL__GRACE_PERIOD_S", "0.5")
     monkeypatch.setenv("VITRINE_RANKING__GRACE_PERIOD_S", "0.5")
     monkeypatch.setenv("VITRINE_RANKING__EXIT_COMPILE_WAIT_S", "1")
+    monkeypatch.setenv("VITRINE_RANKING__COMPILED_TREES", "true")  # conftest turns it off
     settings = load_settings()
     assert settings.server_stop_budget_s == 1.5  # ranking: grace + compile wait
     assert (

@@ -18,6 +18,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from shared.config import EASE_L2_GRID
 from shared.data import Events
 from shared.interactions import decayed_counts
 from shared.metrics import top_k_metrics
@@ -195,7 +196,7 @@ class Baseline:
 
 
 # Also tunes the ranker's item model (ranking_service/store.py: item_model).
-EASE_BASELINE = Baseline("ease", EASE, {"l2": [50.0, 100.0, 200.0, 300.0, 500.0, 1000.0]}, max_items=EASE_MAX_ITEMS)
+EASE_BASELINE = Baseline("ease", EASE, {"l2": list(EASE_L2_GRID)}, max_items=EASE_MAX_ITEMS)
 BASELINES: tuple[Baseline, ...] = (
     Baseline("most-popular", lambda: MostPopular()),
     Baseline(

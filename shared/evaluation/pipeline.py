@@ -22,7 +22,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from shared.artifacts import open_current
-from shared.commands import run_build, run_step, server_process, vitrine_command
+from shared.commands import NO_TEXT_QUERIES, run_build, run_step, server_process, vitrine_command
 from shared.data import save_dataset
 from shared.evaluation.protocols import Split
 from shared.proto.vitrine.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
@@ -39,6 +39,10 @@ FUSED = "vitrine-retrieval-fused"
 # candidates as the ranking service asks for: what the ranker sees.
 SOURCES = "vitrine-retrieval-sources"
 SOURCE_CANDIDATES = 300
+# The ranking server lives for one pass over the evaluated users: compiling its trees
+# (lleaves, 20 s of a core here) would only compete with those requests, and the compiled
+# trees score exactly as LightGBM does (ranking.compiled_trees).
+LIGHTGBM_SCORING = {"VITRINE_RANKING__COMPILED_TREES": "false"}
 # The per-index rows measure one ANN search each: the fused source alone.
 FUSED_ONLY = [retrieval_pb2.SourceQuota(source="fused", share=1.0)]
 
@@ -91,6 +95,7 @@ def _services(artifacts: Path, logs: Path) -> Iterator[tuple[dict[str, int], int
                     vitrine_command("serve", "retrieval", "--artifacts", str(artifacts), "--index-name", index_name),
                     logs / f"{index_name}.port",
                     logs / f"{index_name}.log",
+                    env=NO_TEXT_QUERIES,
                 )
             )
             for method, (index_name, _) in RETRIEVAL_VARIANTS.items()
@@ -102,6 +107,7 @@ def _services(artifacts: Path, logs: Path) -> Iterator[tuple[dict[str, int], int
                 ),
                 logs / "ranking.port",
                 logs / "ranking.log",
+                env=LIGHTGBM_SCORING,
             )
         )
         yield ports, ranking_port
