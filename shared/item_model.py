@@ -112,8 +112,9 @@ def tuned_item_model(dataset: Dataset, settings: ItemModelSettings, seed: int) -
     ``l2_grid``, by default the EASE baseline's grid, by the mean of ``tune_splits``
     splits). Gaps differ by more than one split's noise and l2 values by less, and each fit
     is a dense inverse: this order costs gaps + grid x splits fits instead of their
-    product. Unchanged when tuning is off or more than ``tune_max_items`` items have events. A process asked again with
-    the same events, settings and seed answers from memory."""
+    product. Unchanged when tuning is off or more than ``tune_max_items`` items have
+    events. A process asked again with the same events, settings and seed answers from
+    memory."""
     active = np.unique(dataset.events.item_index)
     if not settings.tune or not len(active) or len(active) > min(settings.tune_max_items, settings.max_items):
         return settings

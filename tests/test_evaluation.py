@@ -25,6 +25,7 @@ from shared.evaluation.baselines import (
     top_k,
     tune,
 )
+from shared.evaluation.pipeline import RETRIEVAL_VARIANTS
 from shared.evaluation.protocols import interaction_matrix, split, validation_split
 from shared.evaluation.report import group_table
 from shared.evaluation.run import CANDIDATE_SIZES, MethodResult, Results, evaluate, list_metrics, user_groups
@@ -248,6 +249,12 @@ def test_evaluate_runs_every_method_through_the_real_services(small: Dataset, tm
         assert index["item_model_session_gap_s"] in index["build"]["item_model"]["session_gaps_s"]
         # ...and where a gap may sit anywhere in a history, popularity is all-time counts.
         assert index["build"]["popularity_half_life_days"] is None
+
+    # Retrieval servers that only answer by user (the build's training replay, the
+    # evaluation's) never load the text model: ~8 s each (shared.commands.NO_TEXT_QUERIES).
+    server_logs = [*(tmp_path / "work" / "logs").glob("index*.log"), *(artifacts / "logs").glob("retrieval-*.log")]
+    assert len(server_logs) == len(RETRIEVAL_VARIANTS) + draws
+    assert not [log.name for log in server_logs if "embedding model loaded" in log.read_text()]
 
     curve = [written["candidate_recall"][str(n)] for n in CANDIDATE_SIZES]
     assert curve == sorted(curve)
