@@ -25,7 +25,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightgbm as lgb
 import numpy as np
@@ -103,7 +103,10 @@ class RankerModel:
         return trees + self.prior_scores(values)
 
 
-def in_retrieval_order(scores: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+Scores = TypeVar("Scores", npt.NDArray[np.float32], npt.NDArray[np.float64])
+
+
+def in_retrieval_order(scores: Scores) -> Scores:
     """The request's scores handed out by candidate position, best first: the order is
     retrieval's (candidates arrive in it), the scale stays the ranker's."""
     return np.sort(scores)[::-1].copy()

@@ -40,7 +40,7 @@ from ranking_service.candidates import CandidateStage
 from ranking_service.capture import EVENTS, IMPRESSIONS, read_records
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
-from ranking_service.scoring import RankerModel, ScorePrior, score_prior
+from ranking_service.scoring import RankerModel, ScorePrior, in_retrieval_order, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
 from shared.config import ItemModelSettings, RankerBuildSettings, RankingSettings
@@ -302,7 +302,9 @@ def _holdout_ndcgs(model: RankerModel, holdout: RankingData) -> tuple[list[float
     ranker_ndcg, retrieval_ndcg, cold = [], [], []
     for features, labels, all_labels in zip(holdout.features, holdout.labels, holdout.all_labels, strict=True):
         cold.append(is_cold_start(features))
-        scores = model.predict(features) if model.ranks_cold_start or not cold[-1] else -np.arange(len(labels))
+        scores = model.predict(features)
+        if cold[-1] and not model.ranks_cold_start:
+            scores = in_retrieval_order(scores)  # as the serving pipeline does
         ranker_ndcg.append(ndcg_at_k(labels[np.argsort(-scores, kind="stable")], EVAL_K, all_labels))
         retrieval_ndcg.append(ndcg_at_k(labels, EVAL_K, all_labels))  # candidates arrive in retrieval order
     return ranker_ndcg, retrieval_ndcg, cold
