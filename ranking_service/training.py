@@ -93,6 +93,7 @@ def replay_requests(
     boundaries = np.flatnonzero(np.diff(users)) + 1
     requests: list[ReplayedRequest] = []
     labels_all = event_labels(events.event_code)
+    created_at = dataset.catalog.created_at
     for user_events in np.split(order, boundaries):
         if not len(user_events):
             continue
@@ -101,7 +102,9 @@ def replay_requests(
         prefix = int(rng.integers(0, min(MAX_SESSION_PREFIX, len(session) - 1) + 1)) if len(session) > 1 else 0
         moment = int(events.timestamp[session[prefix]])
         labels: dict[int, int] = {}
-        for index in user_events[events.timestamp[user_events] >= moment]:
+        later = user_events[events.timestamp[user_events] >= moment]
+        # An item created after the request was not there to recommend (see assemble).
+        for index in later[created_at[events.item_index[later]] <= moment]:
             row = int(events.item_index[index])
             labels[row] = max(labels.get(row, 0), int(labels_all[index]))
         holdout = (zlib.crc32(user_id.encode()) % 1000) < settings.holdout_users * 1000
@@ -189,6 +192,7 @@ class RankingData:
 
 def assemble(
     requests: list[ReplayedRequest],
+    items: ItemTable,
     histories: UserHistoryStore,
     candidate_stage: CandidateStage,
     features: FeatureBuilder,
@@ -196,12 +200,20 @@ def assemble(
     exclude_history: bool = False,
 ) -> RankingData:
     """Candidates and features of each replayed request; ``exclude_history``: ask retrieval
-    to leave out every item of the user's history, not only the purchased ones."""
+    to leave out every item of the user's history, not only the purchased ones. Items
+    created after a request's time are left out too: the replay runs against an index of
+    today's catalogue, and an item launched later must not teach the ranker that a negative
+    age is a sign of relevance (serving never sees one)."""
     data = RankingData.empty()
     nothing_excluded = np.zeros(0, dtype=np.int32)
+    by_creation = np.argsort(items.created_at, kind="stable")
+    creation_times = items.created_at[by_creation]
     for request in tqdm(requests, desc=description, unit="req", mininterval=2.0):
         history = histories.history(request.user_id, before=request.context.timestamp)
         excluded = np.unique(history.item_rows).astype(np.int32) if exclude_history else nothing_excluded
+        not_yet_created = by_creation[np.searchsorted(creation_times, request.context.timestamp, side="right") :]
+        if len(not_yet_created):
+            excluded = np.union1d(excluded, not_yet_created).astype(np.int32)
         retrieved = candidate_stage.retrieve(request.user_id, history, request.context, excluded, RETRIEVAL_TIMEOUT_S)
         rows = retrieved.candidates.rows
         labels = np.asarray([request.labels.get(int(row), 0) for row in rows], dtype=np.int32)
@@ -412,6 +424,7 @@ def _replay_draw(
     suffix = f" (draw {draw})" if draw else ""
     train = assemble(
         [r for r in requests if not r.holdout],
+        items,
         histories,
         candidate_stage,
         builder,
@@ -420,7 +433,13 @@ def _replay_draw(
     )
     holdout = (
         assemble(
-            [r for r in requests if r.holdout], histories, candidate_stage, builder, "holdout requests", exclude_history
+            [r for r in requests if r.holdout],
+            items,
+            histories,
+            candidate_stage,
+            builder,
+            "holdout requests",
+            exclude_history,
         )
         if draw == 0
         else RankingData.empty()

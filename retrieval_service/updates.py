@@ -55,7 +55,7 @@ from retrieval_service.update_log import (
 from retrieval_service.vectors import fuse
 from shared.artifacts import CURRENT, MANIFEST, current_version
 from shared.config import CatalogUpdateSettings
-from shared.data import Catalog, Dataset, Events
+from shared.data import Catalog, Dataset
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2, retrieval_pb2
@@ -672,30 +672,18 @@ def apply_to_dataset(dataset: Dataset, records: Sequence[WalRecord]) -> Dataset:
         for column, value in zip(columns, dataclasses.astuple(item), strict=True):
             columns[column].append(value)
     keep = np.concatenate([keep, np.ones(len(appended), dtype=bool)])
-    new_catalog = Catalog(
-        item_ids=np.asarray(columns["item_ids"], dtype=np.str_)[keep],
-        titles=np.asarray(columns["titles"], dtype=np.str_)[keep],
-        descriptions=np.asarray(columns["descriptions"], dtype=np.str_)[keep],
-        brands=np.asarray(columns["brands"], dtype=np.str_)[keep],
-        categories=np.asarray(columns["categories"], dtype=np.str_)[keep],
-        prices=np.asarray(columns["prices"], dtype=np.float64)[keep],
-        stock=np.asarray(columns["stock"], dtype=np.int64)[keep],
-        created_at=np.asarray(columns["created_at"], dtype=np.int64)[keep],
+    every_item = Catalog(
+        item_ids=np.asarray(columns["item_ids"], dtype=np.str_),
+        titles=np.asarray(columns["titles"], dtype=np.str_),
+        descriptions=np.asarray(columns["descriptions"], dtype=np.str_),
+        brands=np.asarray(columns["brands"], dtype=np.str_),
+        categories=np.asarray(columns["categories"], dtype=np.str_),
+        prices=np.asarray(columns["prices"], dtype=np.float64),
+        stock=np.asarray(columns["stock"], dtype=np.int64),
+        created_at=np.asarray(columns["created_at"], dtype=np.int64),
     )
     # Events of deleted items go; the others point at their item's new row.
-    new_row = np.cumsum(keep) - 1
-    events = dataset.events
-    kept_events = keep[: len(catalog)][events.item_index]
-    remaining = events.select(kept_events)
-    remapped = Events(
-        user_index=remaining.user_index,
-        item_index=new_row[remaining.item_index].astype(np.int32),
-        event_code=remaining.event_code,
-        timestamp=remaining.timestamp,
-        device=remaining.device,
-        session_id=remaining.session_id,
-    )
-    return dataclasses.replace(dataset, catalog=new_catalog, events=remapped)
+    return dataclasses.replace(dataset, catalog=every_item).select_items(keep)
 
 
 def fold_into_dataset(

@@ -80,6 +80,19 @@ class Catalog:
         """Map from item id to row index."""
         return {item_id: row for row, item_id in enumerate(self.item_ids.tolist())}
 
+    def select(self, mask: npt.NDArray[np.bool_]) -> Catalog:
+        """The rows where ``mask`` is true, order kept."""
+        return Catalog(
+            item_ids=self.item_ids[mask],
+            titles=self.titles[mask],
+            descriptions=self.descriptions[mask],
+            brands=self.brands[mask],
+            categories=self.categories[mask],
+            prices=self.prices[mask],
+            stock=self.stock[mask],
+            created_at=self.created_at[mask],
+        )
+
     def embedding_texts(self) -> list[str]:
         """The text a content embedding is computed from, one per item."""
         return [
@@ -165,6 +178,27 @@ class Dataset:
 
     def counts(self) -> dict[str, int]:
         return {"items": len(self.catalog), "users": len(self.users), "events": len(self.events)}
+
+    def select_items(self, mask: npt.NDArray[np.bool_]) -> Dataset:
+        """The items where ``mask`` (one per catalogue row) is true, order kept; the events of
+        the others go, the rest point at their item's new row."""
+        new_row = (np.cumsum(mask) - 1).astype(np.int32)
+        kept = self.events.select(mask[self.events.item_index])
+        events = Events(
+            user_index=kept.user_index,
+            item_index=new_row[kept.item_index],
+            event_code=kept.event_code,
+            timestamp=kept.timestamp,
+            device=kept.device,
+            session_id=kept.session_id,
+        )
+        return Dataset(self.name, self.catalog.select(mask), self.users, events, self.source)
+
+    def existing_at(self, moment: int) -> Dataset:
+        """The dataset as it was at ``moment``: only the items created by then (their
+        ``created_at`` is never after their first event, see shared/loaders.py). Events are
+        not cut: a caller that wants the past selects them by time as well."""
+        return self.select_items(self.catalog.created_at <= moment)
 
 
 def _strings(column: pa.ChunkedArray | pa.Array) -> StrArray:

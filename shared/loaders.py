@@ -27,7 +27,9 @@ Mapping conventions (they shape what an offline evaluation measures):
   (user, item) pair (a view, then a purchase; a revisit), so there only exact repeats of
   (user, item, event type, timestamp) are dropped.
 * Users are the users with at least one kept event; created_at = their first event time.
-  Items keep created_at from the source when it has one, else their first event time.
+  Items keep created_at from the source when it has one, else their first event time; a
+  source date after the item's first event is moved back to that event (counted): an item
+  exists by the time anyone interacts with it, which is what time splits rely on.
 * Prices the source does not give are set to 1.0 (the data model needs a price > 0); the
   report counts them, so price features on such a dataset are known to be meaningless.
 * stock = 1 for every item (no source records availability).
@@ -110,6 +112,7 @@ STOCK = 1
 UNKNOWN_CATEGORY = "unknown"
 MISSING_PRICE = f"missing price (set to {UNKNOWN_PRICE})"
 BAD_PRICE = f"unparseable price (set to {UNKNOWN_PRICE})"
+EARLY_EVENT_REASON = "creation date after the item's first event (moved back to it)"
 
 EVENT_ALIASES: dict[str, str] = {
     "click": "view",
@@ -586,6 +589,11 @@ def _catalog(
     fallback = [new for new, value in enumerate(created) if value is None]
     if created_fallback_reason is not None and fallback:
         tally.drop(created_fallback_reason, items.where(rows[fallback[0]]), len(fallback))
+    # An item exists from its first event at the latest: time splits and training replays
+    # treat an item created after a request as not yet there (Dataset.existing_at).
+    early = [new for new, value in enumerate(created) if value is not None and first_event[new] < value]
+    if early:
+        tally.drop(EARLY_EVENT_REASON, items.where(rows[early[0]]), len(early))
 
     def pick(values: list[str]) -> StrArray:
         return np.asarray([values[row] for row in rows], dtype=np.str_)
@@ -599,7 +607,11 @@ def _catalog(
         prices=np.asarray([items.prices[row] for row in rows], dtype=np.float64),
         stock=np.full(len(rows), STOCK, dtype=np.int64),
         created_at=np.asarray(
-            [int(first_event[new]) if value is None else value for new, value in enumerate(created)], dtype=np.int64
+            [
+                int(first_event[new]) if value is None else min(value, int(first_event[new]))
+                for new, value in enumerate(created)
+            ],
+            dtype=np.int64,
         ),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -56,3 +57,28 @@ def test_duplicate_item_ids_are_refused(saved: Path, dataset: Dataset) -> None:
     _set_cell(saved / "items.parquet", "item_id", 1, str(dataset.catalog.item_ids[0]))
     with pytest.raises(DatasetError, match="must be unique"):
         load_dataset(saved)
+
+
+def test_select_items_keeps_their_events_on_the_right_rows(dataset: Dataset) -> None:
+    keep = np.zeros(len(dataset.catalog), dtype=bool)
+    keep[::3] = True
+    kept = dataset.select_items(keep)
+    assert kept.catalog.item_ids.tolist() == dataset.catalog.item_ids[keep].tolist()
+    assert kept.catalog.created_at.tolist() == dataset.catalog.created_at[keep].tolist()
+    on_kept = keep[dataset.events.item_index]
+    assert len(kept.events) == int(on_kept.sum())
+    assert (
+        kept.catalog.item_ids[kept.events.item_index].tolist()
+        == dataset.catalog.item_ids[dataset.events.item_index[on_kept]].tolist()
+    )
+    assert kept.events.timestamp.tolist() == dataset.events.timestamp[on_kept].tolist()
+    assert kept.users is dataset.users
+
+
+def test_existing_at_leaves_out_the_items_created_later(dataset: Dataset) -> None:
+    moment = int(np.median(dataset.catalog.created_at))
+    existing = dataset.existing_at(moment)
+    assert 0 < len(existing.catalog) < len(dataset.catalog)
+    assert int(existing.catalog.created_at.max()) <= moment
+    later = set(dataset.catalog.item_ids[dataset.catalog.created_at > moment].tolist())
+    assert not later & set(existing.catalog.item_ids.tolist())

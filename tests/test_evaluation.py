@@ -75,6 +75,22 @@ def test_temporal_split_trains_on_the_past_and_tests_on_new_items_of_the_future(
     assert int(validation.train.events.timestamp.max()) < validation.request_time <= result.request_time
 
 
+def test_the_pipeline_trains_on_the_catalogue_as_it_stood_at_the_request_time(small: Dataset) -> None:
+    """Items created after a temporal cutoff are not there for any method to point at."""
+    test = split(small, "temporal", seed=42)
+    saved = test.train_at_request()
+    created_later = test.train.catalog.created_at > test.request_time
+    assert created_later.any()
+    assert saved.catalog.item_ids.tolist() == test.train.catalog.item_ids[~created_later].tolist()
+    assert len(saved.events) == len(test.train.events)
+    assert (
+        saved.catalog.item_ids[saved.events.item_index].tolist()
+        == test.train.catalog.item_ids[test.train.events.item_index].tolist()
+    )
+    # Their test interactions stay in the test part, where no method can reach them.
+    assert any(created_later[items].any() for items in test.test_items)
+
+
 def test_users_without_train_events_are_scored_apart(small: Dataset) -> None:
     """A time split's newcomers get a cold-start answer: their metrics are reported apart."""
     test = split(small, "temporal", seed=42)

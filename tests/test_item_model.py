@@ -325,8 +325,49 @@ def test_random_split_training_leaves_the_history_out_of_the_candidates(
         )
         builder = FeatureBuilder(items, stats)
         for exclude, expect_history in ((False, True), (True, False)):
-            data = assemble(requests, histories, stage, builder, "requests", exclude_history=exclude)
+            data = assemble(requests, items, histories, stage, builder, "requests", exclude_history=exclude)
             repeats = np.concatenate(data.features)[:, FEATURE_INDEX["user_item_interactions"]]
             assert bool((repeats > 0).any()) is expect_history
+    finally:
+        client.close()
+
+
+def test_next_event_training_never_proposes_an_item_created_after_the_request(
+    dataset: Dataset,
+    embedder: HashingEmbedder,
+    artifacts: BuiltArtifacts,
+    servers: Servers,
+    settings: VitrineSettings,
+) -> None:
+    """A replayed request runs against an index of today's catalogue: items launched after
+    its time are excluded from its candidates, as they did not exist then."""
+    build = settings.ranker_build
+    requests = replay_requests(dataset, label_mask(dataset, build, artifacts.cutoff), build)[:5]
+    histories = UserHistoryStore(dataset.events, dataset.users.user_ids)
+    every_item = item_table(dataset, embedder.encode(dataset.catalog.embedding_texts()))
+    labelled = np.unique([row for request in requests for row in request.labels]).astype(np.int64)
+    assert 0 < len(labelled) < 100
+    # Only the labelled items exist at the requests' time; every other item comes later.
+    future = np.full(len(every_item), int(dataset.events.timestamp.max()) + 1, dtype=np.int64)
+    future[labelled] = 0
+    launched_later = replace(every_item, created_at=future)
+    always_there = replace(every_item, created_at=np.zeros(len(every_item), dtype=np.int64))
+    stats = item_stats(dataset.events, len(every_item), int(dataset.events.timestamp.max()) + 1, build)
+    client = RetrievalClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    try:
+        sizes = {}
+        for name, items in (("always there", always_there), ("launched later", launched_later)):
+            stage = CandidateStage(
+                items,
+                items.row_of(),
+                stats.popular_rows,
+                client,
+                settings.ranking.model_copy(update={"candidates": 100}),
+            )
+            data = assemble(requests, items, histories, stage, FeatureBuilder(items, stats), name)
+            assert data.with_relevant_candidate > 0
+            sizes[name] = [len(group) for group in data.labels]
+        assert set(sizes["always there"]) == {100}
+        assert max(sizes["launched later"]) <= len(labelled)
     finally:
         client.close()

@@ -23,6 +23,7 @@ from shared.cli import main
 from shared.commands import vitrine_command
 from shared.data import EVENT_CODE, Dataset, DatasetError, load_dataset
 from shared.loaders import (
+    EARLY_EVENT_REASON,
     CsvColumns,
     add_dataset_arguments,
     load_amazon_reviews,
@@ -136,6 +137,20 @@ def test_movielens_items_carry_genres_year_and_latin1_titles(movielens: Path) ->
     text = dataset.catalog.embedding_texts()[dataset.catalog.index_of()["2"]]
     assert "Drama" in text
     assert "1995" in text
+
+
+def test_an_item_exists_by_its_first_rating_whatever_its_release_date(movielens: Path) -> None:
+    """A film rated before its release date (a preview) was in the catalogue by then: time
+    splits must not treat it as created later (Dataset.existing_at)."""
+    with (movielens / "u.item").open("a", encoding="latin-1") as items:
+        items.write("5|Preview (1998)|01-Jun-1998||http://example.org/5|0|0|0|1|0\n")
+    with (movielens / "u.data").open("a") as ratings:
+        ratings.write(f"3\t5\t4\t{DAY0 + DAY}\n")
+    loaded = load_movielens_100k(movielens)
+    assert _item(loaded.dataset, "5")["created_at"] == DAY0 + DAY
+    assert _item(loaded.dataset, "1")["created_at"] == int(dt.datetime(1995, 1, 1, tzinfo=dt.UTC).timestamp())
+    assert loaded.report.dropped[EARLY_EVENT_REASON] == 1
+    assert loaded.report.first_seen[EARLY_EVENT_REASON] == "u.item line 5"
 
 
 def test_movielens_user_profiles(movielens: Path) -> None:
@@ -547,6 +562,7 @@ def test_real_movielens_100k() -> None:
     assert result.report.dropped == {
         "missing price (set to 1.0)": 1682,
         "missing release date (first rating time used)": 1,  # item 267, "unknown"
+        EARLY_EVENT_REASON: 24,  # rated before the release date u.item gives
     }
     events = result.dataset.events
     assert int(events.timestamp.min()) == 874724710

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightgbm as lgb
@@ -236,3 +237,19 @@ def test_training_commands_refuse_a_draw_the_split_does_not_have(tmp_path: Path)
     with pytest.raises(SystemExit, match="give --retrieval once per draw, got 1"):
         main(["train-ranker", "--data", str(dataset_dir), "--out", str(tmp_path), "--label-split", "random",
               "--retrieval", "127.0.0.1:1"])  # fmt: skip
+
+
+def test_replay_never_labels_an_item_created_after_the_request(
+    dataset: Dataset, artifacts: BuiltArtifacts, settings: VitrineSettings
+) -> None:
+    mask = label_mask(dataset, settings.ranker_build, artifacts.cutoff)
+    before = replay_requests(dataset, mask, settings.ranker_build)
+    request = next(r for r in before if len(r.labels) >= 2)
+    launched, kept = sorted(request.labels)[:2]
+    created_at = dataset.catalog.created_at.copy()
+    created_at[launched] = request.context.timestamp + 1
+    relaunched = replace(dataset, catalog=replace(dataset.catalog, created_at=created_at))
+    after = {r.user_id: r for r in replay_requests(relaunched, mask, settings.ranker_build)}[request.user_id]
+    assert after.context.timestamp == request.context.timestamp
+    assert launched not in after.labels
+    assert after.labels[kept] == request.labels[kept]

@@ -66,7 +66,7 @@ class VitrineLists:
 def run_vitrine(split: Split, workdir: Path, k: int, max_candidates: int) -> VitrineLists:
     data_dir = workdir / "train-data"
     artifacts = workdir / "artifacts"
-    save_dataset(split.train, data_dir)
+    save_dataset(split.train_at_request(), data_dir)
     started = time.perf_counter()
     # The ranker learns the task the protocol poses: fill random gaps in a user's history
     # (random) or predict what comes after a time cutoff (temporal).

@@ -37,6 +37,13 @@ class Split:
     def evaluated_users(self) -> npt.NDArray[np.int64]:
         return np.asarray([row for row, items in enumerate(self.test_items) if len(items)], dtype=np.int64)
 
+    def train_at_request(self) -> Dataset:
+        """The train part as it stood at the request time: items created later (a film
+        released, a product first reviewed after a temporal cutoff) did not exist yet, so
+        nothing, not even their text, may point at them. Test interactions on such items
+        stay in the test part: no method can recommend them."""
+        return self.train.existing_at(self.request_time)
+
     def train_matrix(self) -> sp.csr_matrix:
         """Binary users x items matrix of the train interactions."""
         return interaction_matrix(self.train)
