@@ -124,7 +124,12 @@ def servers(artifacts: BuiltArtifacts, settings: VitrineSettings) -> Iterator[Se
     )
     ranking = start_ranking_server(
         RankingSettings(
-            artifacts=artifacts.root, port=0, metrics_port=0, retrieval_target=f"127.0.0.1:{retrieval.port}", max_k=50
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=0,
+            retrieval_target=f"127.0.0.1:{retrieval.port}",
+            max_k=50,
+            compiled_trees=False,
         )
     )
     retrieval_channel = grpc.insecure_channel(f"127.0.0.1:{retrieval.port}")

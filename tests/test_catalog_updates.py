@@ -438,6 +438,7 @@ def test_upserted_item_can_be_recommended_through_the_ranking_server(
                 reload_poll_s=0,
                 retrieval_target=f"127.0.0.1:{live.server.port}",
                 max_k=50,
+                compiled_trees=False,
             )
         )
         try:

@@ -93,6 +93,7 @@ def deployment(
             metrics_port=0,
             retrieval_target=f"127.0.0.1:{retrieval.port}",
             reload_poll_s=0,
+            compiled_trees=False,
             max_concurrent_rpcs=16,
             workers=16,
         )
@@ -376,7 +377,12 @@ def test_killed_retrieval_degrades_then_recovers_without_restarting_ranking(
     retrieval = start_retrieval()
     ranking = start_ranking_server(
         RankingSettings(
-            artifacts=artifacts.root, port=0, metrics_port=None, retrieval_target=f"127.0.0.1:{port}", reload_poll_s=0
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            retrieval_target=f"127.0.0.1:{port}",
+            reload_poll_s=0,
+            compiled_trees=False,
         )
     )
     now = int(dataset.events.timestamp.max())
@@ -432,6 +438,7 @@ def test_overload_is_shed_with_resource_exhausted(
             metrics_port=None,
             retrieval_target=f"127.0.0.1:{servers.retrieval_server.port}",
             max_concurrent_rpcs=2,
+            compiled_trees=False,
             workers=2,
             reload_poll_s=0,
         )
@@ -748,6 +755,7 @@ def test_mutual_tls_and_tokens_across_both_services(
             metrics_port=None,
             reload_poll_s=0,
             retrieval_target=f"localhost:{retrieval.port}",
+            compiled_trees=False,
             retrieval_tls=ClientTlsSettings(ca_file=pki.ca, cert_file=pki.client_cert, key_file=pki.client_key),
             retrieval_token=SecretStr(retrieval_token),
             tls=TlsSettings(cert_file=pki.server_cert, key_file=pki.server_key),

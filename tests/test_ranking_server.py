@@ -157,6 +157,7 @@ def test_retrieval_failure_degrades_to_popular_or_is_unavailable(
             metrics_port=None,
             retrieval_target=target,
             retrieval_timeout_s=0.5,
+            compiled_trees=False,
             fallback_to_popular=fallback,
         )
     )

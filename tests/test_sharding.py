@@ -154,7 +154,13 @@ def _dead_target() -> str:
 def _ranking(artifacts: BuiltArtifacts, targets: list[str], **fields: Any) -> RunningServer:
     return start_ranking_server(
         RankingSettings(
-            artifacts=artifacts.root, port=0, metrics_port=None, retrieval_shards=targets, max_k=50, **fields
+            artifacts=artifacts.root,
+            port=0,
+            metrics_port=None,
+            retrieval_shards=targets,
+            max_k=50,
+            compiled_trees=False,
+            **fields,
         )
     )
 
