@@ -45,7 +45,14 @@ from retrieval_service.tuning import latency_percentiles, recall_of, tune_search
 from retrieval_service.vectors import user_queries
 from shared.artifacts import new_version
 from shared.commands import start_server_process, vitrine_command
-from shared.config import BenchSettings, IndexBuildSettings, RankerBuildSettings, RankingSettings, load_settings
+from shared.config import (
+    ALL_TIME_POPULARITY,
+    BenchSettings,
+    IndexBuildSettings,
+    RankerBuildSettings,
+    RankingSettings,
+    load_settings,
+)
 from shared.data import Dataset
 from shared.logs import event
 from shared.proto.vitrine.v1 import catalog_pb2
@@ -292,6 +299,7 @@ def build_artifacts(
         },
         {"train_requests": bench.ranker_requests, "train_seconds": round(ranker_train_s, 2)},
         ranker_settings.item_model,
+        ALL_TIME_POPULARITY,  # the bench index's popular items are all-time counts
     )
     event(log, "bench ranker artifact written", trees=booster.num_trees(), train_s=round(ranker_train_s, 1))
     return BuiltArtifacts(

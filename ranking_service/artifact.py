@@ -22,7 +22,7 @@ from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_NAMES
 from ranking_service.scoring import RankerModel, score_prior
 from ranking_service.store import ItemStats, ItemTable, UserHistoryStore, co_interactions, item_stats
 from shared.artifacts import Artifact, ArtifactError, ArtifactWriter, open_artifact
-from shared.config import ItemModelSettings, RankerBuildSettings
+from shared.config import ALL_TIME_POPULARITY, ItemModelSettings, PopularityCounting, RankerBuildSettings
 from shared.data import Dataset, Events
 from shared.item_model import fit_item_model
 from shared.logs import event
@@ -56,10 +56,12 @@ def write_ranker_artifact(
     params: dict[str, Any],
     metrics: dict[str, Any],
     item_model: ItemModelSettings,
+    popularity: PopularityCounting,
     name: str = DEFAULT_NAME,
 ) -> Artifact:
     """The ranker artifact; ``item_model``: the settings of the item model fitted on the
-    event snapshot and served with the ranker (recorded as ``params.item_model``)."""
+    event snapshot and served with the ranker (recorded as ``params.item_model``);
+    ``popularity``: how its popular items are counted (``params.popularity``)."""
     with ArtifactWriter(root, name) as writer:
         booster.save_model(str(writer.path("model.txt")))
         writer.save_json("features.json", {"names": list(FEATURE_NAMES), "categorical": list(CATEGORICAL_FEATURES)})
@@ -86,7 +88,11 @@ def write_ranker_artifact(
         for matrix_name, matrix in (("co_interactions", neighbours), ("item_model", weights)):
             for part in _NEIGHBOUR_PARTS:
                 writer.save_array(f"stats/{matrix_name}_{part}.npy", getattr(matrix, part))
-        served = {"snapshot_at": snapshot_at, "item_model": item_model.model_dump()}
+        served = {
+            "snapshot_at": snapshot_at,
+            "item_model": item_model.model_dump(),
+            "popularity": popularity.model_dump(),
+        }
         artifact = writer.commit(KIND, {**params, **served}, metrics)
     event(log, "ranker artifact written", version=artifact.version, path=str(artifact.path), **metrics)
     return artifact
@@ -123,6 +129,13 @@ def served_item_model_settings(params: dict[str, Any], where: Path) -> ItemModel
     if recorded is None:
         return recorded_build_settings(params, where).item_model
     return ItemModelSettings.model_validate(recorded)
+
+
+def served_popularity(params: dict[str, Any]) -> PopularityCounting:
+    """How a ranker artifact's popular items are counted; artifacts older than the record
+    counted all time."""
+    recorded = params.get("popularity")
+    return ALL_TIME_POPULARITY if recorded is None else PopularityCounting.model_validate(recorded)
 
 
 def recorded_build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
@@ -202,6 +215,7 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
             recorded_build_settings(artifact.params, artifact.path),
             _load_item_matrix(artifact, len(items), "co_interactions"),
             _load_item_matrix(artifact, len(items), "item_model"),
+            served_popularity(artifact.params),
         ),
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,

@@ -91,6 +91,7 @@ def _run_train(args: argparse.Namespace) -> int:
             settings.ranker_build,
             settings.ranking,
             item_table(dataset, content),
+            settings.index_build,
             args.cutoff,
         )
     print(f"ranker {artifact.version}: {artifact.path}  {artifact.metrics}")

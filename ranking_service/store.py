@@ -12,9 +12,9 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from shared.config import RankerBuildSettings
+from shared.config import ALL_TIME_POPULARITY, PopularityCounting, RankerBuildSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
-from shared.interactions import SECONDS_PER_DAY, event_weights
+from shared.interactions import SECONDS_PER_DAY, decayed_counts, event_weights
 from shared.item_model import fit_item_model
 
 RECENT_WINDOW_DAYS = 7
@@ -132,13 +132,16 @@ def item_stats(
     settings: RankerBuildSettings,
     neighbours: sp.csr_matrix | None = None,
     stored_item_model: sp.csr_matrix | None = None,
+    popularity: PopularityCounting = ALL_TIME_POPULARITY,
 ) -> ItemStats:
     """Statistics of the events before ``as_of``; ``neighbours`` and ``stored_item_model``: the
     co-interaction matrix and the item model when they were computed already (the ranker
-    artifact stores them), else they are computed."""
+    artifact stores them), else they are computed. ``popularity``: how ``popular_rows``
+    are counted (as the retrieval index the ranker serves with counts them); the
+    ``item_log_popularity`` feature counts all time either way."""
     past = events.before(as_of)
     weights = event_weights(past.event_code).astype(np.float64)
-    popularity = np.bincount(past.item_index, weights=weights, minlength=n_items)
+    all_time = np.bincount(past.item_index, weights=weights, minlength=n_items)
     recent = past.select((past.timestamp >= as_of - RECENT_WINDOW_DAYS * SECONDS_PER_DAY) & (past.event_code == VIEW))
     recent_views = np.bincount(recent.item_index, minlength=n_items)
     views = np.bincount(past.item_index[past.event_code == VIEW], minlength=n_items)
@@ -148,11 +151,13 @@ def item_stats(
     conversion = (purchases + 10.0 * prior) / (views + 10.0)
     return ItemStats(
         as_of=as_of,
-        log_popularity=np.log1p(popularity).astype(np.float32),
+        log_popularity=np.log1p(all_time).astype(np.float32),
         log_recent_views=np.log1p(recent_views).astype(np.float32),
         log_purchases=np.log1p(purchases).astype(np.float32),
         conversion_rate=conversion.astype(np.float32),
-        popular_rows=np.argsort(-popularity, kind="stable").astype(np.int32),
+        popular_rows=np.argsort(
+            -decayed_counts(past, n_items, as_of, popularity.half_life_days, popularity.prior_weight), kind="stable"
+        ).astype(np.int32),
         co_interactions=neighbours if neighbours is not None else co_interactions(past, n_items, settings),
         item_model=(
             stored_item_model if stored_item_model is not None else fit_item_model(past, n_items, settings.item_model)

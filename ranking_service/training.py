@@ -34,6 +34,7 @@ from ranking_service.artifact import (
     load_ranker_snapshot,
     recorded_build_settings,
     served_item_model_settings,
+    served_popularity,
     write_ranker_artifact,
 )
 from ranking_service.candidates import CandidateStage
@@ -43,7 +44,7 @@ from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.scoring import RankerModel, ScorePrior, in_retrieval_order, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
-from shared.config import ItemModelSettings, RankerBuildSettings, RankingSettings
+from shared.config import IndexBuildSettings, ItemModelSettings, RankerBuildSettings, RankingSettings
 from shared.data import Catalog, Dataset, DatasetError, Events, Users
 from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
 from shared.item_model import tuned_item_model
@@ -454,11 +455,13 @@ def train_ranker_artifact(
     settings: RankerBuildSettings,
     serving: RankingSettings,
     items: ItemTable,
+    index_build: IndexBuildSettings,
     cutoff: int | None = None,
 ) -> Artifact:
     """Replay every label draw against its own retrieval service (``retrievals[i]`` serves
     the index built without draw i's labels), fit on the pooled training requests, and
-    compare with the retrieval order on draw 0's holdout users."""
+    compare with the retrieval order on draw 0's holdout users. ``index_build``: the
+    settings of the index served with this ranker, whose popular items it counts alike."""
     started = time.perf_counter()
     # The item model fits sessions only for the tasks they help (an explicit cutoff is a
     # time split); the served copy and train-ranker --from-logs inherit the choice.
@@ -507,7 +510,10 @@ def train_ranker_artifact(
         "feature_importance_gain": importance(model.booster),
         "ranks_cold_start": model.ranks_cold_start,
     }
-    return write_ranker_artifact(root, model.booster, items, dataset, snapshot_at, params, metrics, served_item_model)
+    popularity = index_build.for_label_split(task).popularity
+    return write_ranker_artifact(
+        root, model.booster, items, dataset, snapshot_at, params, metrics, served_item_model, popularity
+    )
 
 
 # -- training from captured logs (vitrine train-ranker --from-logs) -----------------------------
@@ -705,4 +711,7 @@ def train_ranker_from_logs(
     # The logged features came from the base's item model: the new one is refitted on the
     # grown snapshot with the base's settings, not tuned again.
     item_model = served_item_model_settings(snapshot.params, root)
-    return write_ranker_artifact(root, model.booster, snapshot.items, dataset, snapshot_at, params, metrics, item_model)
+    popularity = served_popularity(snapshot.params)
+    return write_ranker_artifact(
+        root, model.booster, snapshot.items, dataset, snapshot_at, params, metrics, item_model, popularity
+    )

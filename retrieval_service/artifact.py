@@ -138,9 +138,8 @@ def build_index_artifacts(
     active = np.flatnonzero(has_history)
     n_sample = min(settings.tuning.sample_queries, len(active))
     sample = rng.choice(active, size=n_sample, replace=False) if len(active) else active
-    popularity = decayed_counts(
-        events, n_items, cutoff, settings.popularity_half_life_days, settings.popularity_prior_weight
-    )
+    counting = settings.popularity
+    popularity = decayed_counts(events, n_items, cutoff, counting.half_life_days, counting.prior_weight)
     popular_rows = np.argsort(-popularity, kind="stable").astype(np.int32)
     # Popular answers are scored by the item's rank in the whole catalogue, so the popular
     # items of several shards merge into the catalogue's order.

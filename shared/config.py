@@ -106,6 +106,22 @@ _NEXT_EVENT_SPLITS: list[LabelSplit] = ["global", "per_user"]
 EASE_L2_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 300.0, 500.0, 1000.0)
 
 
+class PopularityCounting(BaseModel):
+    """How popular items are counted (shared.interactions.decayed_counts): what retrieval's
+    popular source answers and, recorded in the ranker artifact, what the ranking service's
+    popular-items fallback and brand backfill use, so the two never disagree on "popular".
+    Set through index_build (popularity_half_life_days, popularity_prior_weight)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # None: all-time counts.
+    half_life_days: float | None = Field(None, gt=0)
+    prior_weight: float = Field(0.0, ge=0)
+
+
+ALL_TIME_POPULARITY = PopularityCounting()
+
+
 class ItemModelSettings(BaseModel):
     """The EASE item model (shared/item_model.py): retrieval's ``item_model`` source and the
     ranker's item_model_* features each fit one on the events their build may see."""
@@ -226,6 +242,12 @@ class IndexBuildSettings(BaseModel):
     # by their id): one artifact per shard, <name>-shard-<i>-of-<shards>, all with the same
     # version and the same vector space. 1: one whole index (see docs/deploy.md "Sharding").
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
+
+    @property
+    def popularity(self) -> PopularityCounting:
+        return PopularityCounting(
+            half_life_days=self.popularity_half_life_days, prior_weight=self.popularity_prior_weight
+        )
 
     def for_label_split(self, label_split: LabelSplit) -> IndexBuildSettings:
         """These settings for a build whose ranker learns ``label_split``: the item model's

@@ -97,6 +97,7 @@ def artifacts(
             settings.ranker_build,
             settings.ranking,
             item_table(dataset, content),
+            settings.index_build,
             cutoff,
         )
     finally:

@@ -9,7 +9,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from ranking_service.artifact import load_ranker_artifact
+from ranking_service.artifact import load_ranker_artifact, served_popularity
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES
 from ranking_service.scoring import RankerModel, in_retrieval_order
 from ranking_service.store import co_interactions
@@ -21,8 +21,9 @@ from ranking_service.training import (
     replay_requests,
     validation_groups,
 )
+from retrieval_service.artifact import load_index_artifact
 from shared.cli import main
-from shared.config import RankerBuildSettings, VitrineSettings
+from shared.config import ALL_TIME_POPULARITY, RankerBuildSettings, VitrineSettings
 from shared.data import Dataset
 from shared.interactions import ranker_label_mask
 from tests.conftest import BuiltArtifacts
@@ -253,3 +254,19 @@ def test_replay_never_labels_an_item_created_after_the_request(
     assert after.context.timestamp == request.context.timestamp
     assert launched not in after.labels
     assert after.labels[kept] == request.labels[kept]
+
+
+def test_the_ranker_counts_popular_items_as_the_index_it_serves_with(artifacts: BuiltArtifacts) -> None:
+    """The popular-items fallback (retrieval down) and the brand backfill answer what
+    retrieval's popular source answers: on a time task, popularity decays in both."""
+    index = load_index_artifact(artifacts.root)
+    ranker = load_ranker_artifact(artifacts.root)
+    recorded = served_popularity(artifacts.ranker.params)
+    assert recorded == index.build.popularity
+    assert recorded.half_life_days is not None
+    ranker_order = ranker.items.item_ids[ranker.stats.popular_rows].tolist()
+    assert ranker_order == index.item_ids[index.popular_rows].tolist()
+    all_time = ranker.items.item_ids[np.argsort(-np.exp(ranker.stats.log_popularity), kind="stable")].tolist()
+    assert ranker_order[:20] != all_time[:20]
+    # Artifacts from before the record counted all time.
+    assert served_popularity({}) == ALL_TIME_POPULARITY
