@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.artifact import LoadedRanker
-from ranking_service.candidates import CandidateRequest, CandidateStage
+from ranking_service.candidates import NO_REQUEST, CandidateRequest, CandidateStage, RetrievedSet
 from ranking_service.experiments import assign
 from ranking_service.explain import Contribution, explanations, reasons
 from ranking_service.features import (
@@ -242,6 +242,18 @@ class RankingPipeline:
         row_of = self.ranker.item_row
         return np.asarray([row_of[i] for i in item_ids if i in row_of], dtype=np.int32)
 
+    # -- stage 1: candidates ----------------------------------------------------------
+    def retrieve(
+        self,
+        user_id: str,
+        history: UserHistory,
+        context: RequestContext,
+        excluded: npt.NDArray[np.int32],
+        timeout_s: float,
+        request: CandidateRequest = NO_REQUEST,
+    ) -> RetrievedSet:
+        return self._candidates.retrieve(user_id, history, context, excluded, timeout_s, request)
+
     # -- stage 2: features ------------------------------------------------------------
     def features(self, history: UserHistory, context: RequestContext, candidates: CandidateSet) -> FeatureMatrix:
         return self._features.build(history, context, candidates)
@@ -285,7 +297,7 @@ class RankingPipeline:
         scorer = self._pinned_scorers[pinned_version] if pinned_version else self.scorer
         model = self._pinned_models[pinned_version] if pinned_version else self.ranker.model
 
-        retrieved = self._candidates.retrieve(
+        retrieved = self.retrieve(
             query.user_id,
             history,
             context,

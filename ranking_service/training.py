@@ -345,18 +345,28 @@ def gate_cold_start(
 
 
 def compare_on_holdout(model: RankerModel, holdout: RankingData) -> dict[str, float]:
-    """NDCG@10 of the ranker's order (as served) and of the retrieval order on the same candidates."""
+    """NDCG@10 of the ranker's order (as served), of the retrieval order and, for a ranker
+    with a prior, of the prior alone on the same candidates: what the trees add."""
     ranker_ndcg, retrieval_ndcg, _ = _holdout_ndcgs(model, holdout)
-    # Requests where retrieval found nothing relevant score 0 for both orders.
+    # Requests where retrieval found nothing relevant score 0 for every order.
     misses = holdout.requests - holdout.with_relevant_candidate
     ranker = mean(ranker_ndcg + [0.0] * misses)
     retrieval = mean(retrieval_ndcg + [0.0] * misses)
+    prior_alone: dict[str, float] = {}
+    if model.prior is not None:
+        prior = model.prior
+        prior_ndcg = [
+            ndcg_at_k(labels[np.argsort(-prior.of(features), kind="stable")], EVAL_K, all_labels)
+            for features, labels, all_labels in zip(holdout.features, holdout.labels, holdout.all_labels, strict=True)
+        ]
+        prior_alone[f"holdout_ndcg@{EVAL_K}_prior_alone"] = round(mean(prior_ndcg + [0.0] * misses), 4)
     return {
         "holdout_requests": holdout.requests,
         f"holdout_ndcg@{EVAL_K}_ranker": round(ranker, 4),
         f"holdout_ndcg@{EVAL_K}_retrieval_order": round(retrieval, 4),
         f"holdout_ndcg@{EVAL_K}_lift": round(ranker / retrieval - 1.0, 4) if retrieval > 0 else float("nan"),
         "holdout_candidate_recall": round(holdout.relevant_retrieved / max(holdout.relevant_total, 1), 4),
+        **prior_alone,
     }
 
 

@@ -38,6 +38,9 @@ def test_ranker_beats_retrieval_order_on_held_out_users(artifacts: BuiltArtifact
     retrieval = metrics["holdout_ndcg@10_retrieval_order"]
     assert metrics["holdout_requests"] >= 50
     assert ranker > retrieval * (1 + MIN_NDCG_LIFT), f"ranker NDCG@10 {ranker} vs retrieval order {retrieval}"
+    # What the trees add to the prior they start from is reported beside it.
+    assert 0.0 < metrics["holdout_ndcg@10_prior_alone"] < 1.0
+    assert "holdout_ndcg@10_prior_alone" not in compare_on_holdout(_popularity_ranker(), _holdout(1, 1, 0, True))
 
 
 def _popularity_ranker() -> RankerModel:
