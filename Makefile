@@ -20,14 +20,11 @@ EVAL_OUT ?= var/eval
 install: $(STAMP) $(PROTO_STAMP)
 
 # torch first: pinned to the CPU build so sentence-transformers does not pull CUDA.
-# --no-compile: pip would byte-compile every installed module (torch alone has thousands),
-# 74 s of a 178 s install on the 2-core CI machine; Python compiles the ones it imports.
-PIP_INSTALL := $(PY) -m pip install --quiet --no-compile
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) torch==2.13.0
-	$(PIP_INSTALL) -c constraints.txt -r requirements.txt -r requirements-dev.txt
-	$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # Stubs are generated, not committed: see README "Generated stubs".
@@ -44,7 +41,7 @@ protos: $(PROTO_STAMP)
 # checkov (deploy/ policy checks) lives in its own venv: its pins clash with ours.
 $(TOOLS_STAMP): requirements-tools.txt
 	test -x $(TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(TOOLS_VENV)
-	$(TOOLS_VENV)/bin/pip install --quiet --no-compile -r requirements-tools.txt
+	$(TOOLS_VENV)/bin/pip install --quiet -r requirements-tools.txt
 	touch $(TOOLS_STAMP)
 
 tools: $(TOOLS_STAMP)
