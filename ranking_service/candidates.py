@@ -201,6 +201,26 @@ class CandidateStage:
         )
 
 
+def kept_candidates(candidates: CandidateSet, keep: npt.NDArray[np.bool_]) -> CandidateSet:
+    """The candidates ``keep`` allows, every per-candidate field cut alike, order kept."""
+    if bool(np.all(keep)):
+        return candidates
+    anchors = candidates.anchor_rows
+    return CandidateSet(
+        rows=candidates.rows[keep],
+        retrieval_scores=candidates.retrieval_scores[keep],
+        content_scores=candidates.content_scores[keep],
+        collaborative_scores=candidates.collaborative_scores[keep],
+        from_popular=candidates.from_popular,
+        sources=_kept(candidates.sources, keep),
+        source_scores=_kept(candidates.source_scores, keep),
+        anchor_rows=tuple(rows for rows, kept in zip(anchors, keep.tolist(), strict=True) if kept)
+        if len(anchors) == len(keep)
+        else (),
+        stock=candidates.stock[keep] if candidates.stock is not None else None,
+    )
+
+
 def _kept(values: Sequence[tuple[Item, ...]], known: npt.NDArray[np.bool_]) -> Sequence[tuple[Item, ...]]:
     """The entries of the known candidates (empty when the answer carried none)."""
     if len(values) != len(known):

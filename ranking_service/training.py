@@ -37,7 +37,7 @@ from ranking_service.artifact import (
     served_popularity,
     write_ranker_artifact,
 )
-from ranking_service.candidates import CandidateStage
+from ranking_service.candidates import CandidateStage, kept_candidates
 from ranking_service.capture import EVENTS, IMPRESSIONS, read_records
 from ranking_service.features import CATEGORICAL_FEATURES, FEATURE_INDEX, FEATURE_NAMES, FeatureBuilder, RequestContext
 from ranking_service.retrieval_client import RetrievalClient
@@ -201,22 +201,20 @@ def assemble(
     exclude_history: bool = False,
 ) -> RankingData:
     """Candidates and features of each replayed request; ``exclude_history``: ask retrieval
-    to leave out every item of the user's history, not only the purchased ones. Items
-    created after a request's time are left out too: the replay runs against an index of
-    today's catalogue, and an item launched later must not teach the ranker that a negative
-    age is a sign of relevance (serving never sees one)."""
+    to leave out every item of the user's history, not only the purchased ones. Candidates
+    created after a request's time are dropped: the replay runs against an index of today's
+    catalogue, and an item launched later must not teach the ranker that an age of 0 is a
+    sign of relevance. (Dropped here rather than excluded in the retrieval request: a large
+    catalogue can launch more items within a label window than a request may exclude.)"""
     data = RankingData.empty()
     nothing_excluded = np.zeros(0, dtype=np.int32)
-    by_creation = np.argsort(items.created_at, kind="stable")
-    creation_times = items.created_at[by_creation]
     for request in tqdm(requests, desc=description, unit="req", mininterval=2.0):
         history = histories.history(request.user_id, before=request.context.timestamp)
         excluded = np.unique(history.item_rows).astype(np.int32) if exclude_history else nothing_excluded
-        not_yet_created = by_creation[np.searchsorted(creation_times, request.context.timestamp, side="right") :]
-        if len(not_yet_created):
-            excluded = np.union1d(excluded, not_yet_created).astype(np.int32)
         retrieved = candidate_stage.retrieve(request.user_id, history, request.context, excluded, RETRIEVAL_TIMEOUT_S)
-        rows = retrieved.candidates.rows
+        candidates = retrieved.candidates
+        candidates = kept_candidates(candidates, items.created_at[candidates.rows] <= request.context.timestamp)
+        rows = candidates.rows
         labels = np.asarray([request.labels.get(int(row), 0) for row in rows], dtype=np.int32)
         data.requests += 1
         data.relevant_total += len(request.labels)
@@ -224,7 +222,7 @@ def assemble(
         if not len(rows) or not labels.any():
             continue
         data.with_relevant_candidate += 1
-        data.features.append(features.build(history, request.context, retrieved.candidates).values)
+        data.features.append(features.build(history, request.context, candidates).values)
         data.labels.append(labels)
         data.all_labels.append(np.asarray(list(request.labels.values()), dtype=np.int32))
         data.user_ids.append(request.user_id)

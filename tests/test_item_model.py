@@ -340,7 +340,7 @@ def test_next_event_training_never_proposes_an_item_created_after_the_request(
     settings: VitrineSettings,
 ) -> None:
     """A replayed request runs against an index of today's catalogue: items launched after
-    its time are excluded from its candidates, as they did not exist then."""
+    its time are dropped from its candidates, as they did not exist then."""
     build = settings.ranker_build
     requests = replay_requests(dataset, label_mask(dataset, build, artifacts.cutoff), build)[:5]
     histories = UserHistoryStore(dataset.events, dataset.users.user_ids)

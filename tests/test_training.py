@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from ranking_service.artifact import load_ranker_artifact, served_popularity
-from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES
+from ranking_service.candidates import kept_candidates
+from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet
 from ranking_service.scoring import RankerModel, in_retrieval_order
 from ranking_service.store import co_interactions
 from ranking_service.training import (
@@ -273,3 +274,28 @@ def test_the_ranker_counts_popular_items_as_the_index_it_serves_with(artifacts: 
     assert ranker_order[:20] != all_time[:20]
     # Artifacts from before the record counted all time.
     assert served_popularity({}) == ALL_TIME_POPULARITY
+
+
+def test_kept_candidates_cuts_every_per_candidate_field_alike() -> None:
+    candidates = CandidateSet(
+        rows=np.asarray([4, 7, 9], np.int32),
+        retrieval_scores=np.asarray([0.9, 0.5, 0.1], np.float32),
+        content_scores=np.asarray([0.3, 0.2, 0.1], np.float32),
+        collaborative_scores=np.asarray([0.6, 0.3, 0.0], np.float32),
+        from_popular=False,
+        sources=(("fused",), ("item_model", "fused"), ("popular",)),
+        source_scores=((0.9,), (0.4, 0.5), (0.1,)),
+        anchor_rows=(np.asarray([1], np.int32), np.asarray([2, 3], np.int32), np.zeros(0, np.int32)),
+        stock=np.asarray([5, 0, 2], np.int64),
+    )
+    kept = kept_candidates(candidates, np.asarray([True, False, True]))
+    assert kept.rows.tolist() == [4, 9]
+    assert kept.retrieval_scores.tolist() == pytest.approx([0.9, 0.1])
+    assert kept.content_scores.tolist() == pytest.approx([0.3, 0.1])
+    assert kept.collaborative_scores.tolist() == pytest.approx([0.6, 0.0])
+    assert list(kept.sources) == [("fused",), ("popular",)]
+    assert list(kept.source_scores) == [(0.9,), (0.1,)]
+    assert [anchors.tolist() for anchors in kept.anchor_rows] == [[1], []]
+    assert kept.stock is not None
+    assert kept.stock.tolist() == [5, 2]
+    assert kept_candidates(candidates, np.ones(3, dtype=bool)) is candidates
