@@ -150,7 +150,7 @@ def choose(measurements: list[Measurement], settings: IndexTuningSettings) -> Ch
 
     Cheapest = fewest bytes per item, then lowest p50 latency. Settings above
     ``max_bytes_per_item`` are taken only when none within it reaches the target; when
-    nothing reaches it, the highest recall within the latency budget (or overall) wins.
+    nothing reaches it within the latency budget, :func:`short_of_target` decides.
     """
     if not measurements:
         raise ValueError("nothing was measured")
@@ -166,10 +166,39 @@ def choose(measurements: list[Measurement], settings: IndexTuningSettings) -> Ch
             f"no setting within {settings.max_bytes_per_item:g} bytes/item reaches recall "
             f"{settings.target_recall}; cheapest one that does",
         )
-    pool = fast or measurements
-    best = max(pool, key=lambda m: (m.recall, -m.p50_ms))
+    return short_of_target(measurements, settings)
+
+
+def short_of_target(measurements: list[Measurement], settings: IndexTuningSettings) -> Choice:
+    """The choice when no setting reaches ``target_recall`` within ``max_latency_ms``.
+
+    The highest recall within the latency budget, unless that is below ``min_recall``: then
+    the budget gives way, and the fastest setting reaching the target (else the floor) wins,
+    else the highest recall measured. Flagged as not meeting the target either way.
+    """
+    fast = [m for m in measurements if m.p50_ms <= settings.max_latency_ms]
+    if fast:
+        best_fast = max(fast, key=lambda m: (m.recall, -m.p50_ms))
+        if best_fast.recall >= settings.min_recall:
+            return Choice(
+                best_fast,
+                False,
+                f"no setting within {settings.max_latency_ms:g} ms reaches recall {settings.target_recall}; "
+                "the highest recall within the latency budget",
+            )
+    for floor, name in ((settings.target_recall, "target"), (settings.min_recall, "floor")):
+        above = [m for m in measurements if m.recall >= floor]
+        if above:
+            return Choice(
+                min(above, key=lambda m: (m.p50_ms, m.bytes_per_item)),
+                False,
+                f"no setting within {settings.max_latency_ms:g} ms reaches min_recall {settings.min_recall}; "
+                f"the fastest one reaching the {name} recall {floor}, over the latency budget",
+            )
     return Choice(
-        best, False, f"no setting reaches recall {settings.target_recall}; the highest recall within the latency budget"
+        max(measurements, key=lambda m: (m.recall, -m.p50_ms)),
+        False,
+        f"no setting reaches min_recall {settings.min_recall}; the highest recall measured",
     )
 
 
@@ -239,9 +268,7 @@ def tune_search(
             "smallest shortlist, then fewest lists, reaching the target recall within the latency budget",
         )
     else:
-        fast = [m for m in curve if m.p50_ms <= settings.max_latency_ms] or curve
-        best = max(fast, key=lambda m: (m.recall, -m.p50_ms))
-        choice = Choice(best, False, "target not reached; highest recall within the latency budget")
+        choice = short_of_target(curve, settings)
     index.set_nprobe(choice.measurement.nprobe)
     index.set_refine_factor(choice.measurement.refine_factor)
     event(
@@ -253,5 +280,6 @@ def tune_search(
         recall=choice.measurement.recall,
         p50_ms=round(choice.measurement.p50_ms, 3),
         meets_target=choice.meets_target,
+        reason=choice.reason,
     )
     return NprobeTuning(choice, curve)

@@ -67,8 +67,14 @@ class IndexTuningSettings(BaseModel):
 
     target_recall: float = Field(0.95, gt=0, le=1)
     recall_at: int = Field(100, ge=1)
-    # A setting slower than this (single-query p50, one thread) is never chosen.
+    # A setting slower than this (single-query p50, one thread) is chosen only when nothing
+    # within it reaches min_recall.
     max_latency_ms: float = Field(2.0, gt=0)
+    # The floor under the latency budget: when no setting within the budget reaches it, the
+    # fastest setting reaching the target (else this floor) is chosen over budget. A slow or
+    # busy machine once made a 2 ms budget serve recall@100 0.56: candidates the ranker never
+    # sees cost more than a millisecond of search.
+    min_recall: float = Field(0.9, gt=0, le=1)
     # Layouts above this many bytes per item (codes + refine vectors) are chosen only when
     # no layout within it reaches the target.
     max_bytes_per_item: float = Field(200.0, gt=0)
@@ -83,6 +89,14 @@ class IndexTuningSettings(BaseModel):
         default_factory=lambda: [3, 10, 20], min_length=1
     )
     sample_queries: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _floor_below_target(self) -> IndexTuningSettings:
+        if self.min_recall > self.target_recall:
+            raise ValueError(
+                f"min_recall ({self.min_recall}) is above target_recall ({self.target_recall}); lower min_recall"
+            )
+        return self
 
 
 class CovisitationSettings(BaseModel):

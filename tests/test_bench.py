@@ -67,6 +67,30 @@ def test_autotuner_picks_the_cheapest_setting_reaching_the_target() -> None:
     assert (unreachable.measurement.layout, unreachable.meets_target) == ("large", False)
 
 
+def test_autotuner_breaks_the_latency_budget_rather_than_serve_below_the_recall_floor() -> None:
+    points = [
+        Measurement("small", 8, 0.56, 0.2, 0.4, 56),  # a slow machine: only this fits the budget
+        Measurement("small", 64, 0.96, 2.5, 3.0, 56),
+        Measurement("medium", 32, 0.93, 1.0, 1.5, 112),
+        Measurement("medium", 64, 0.955, 1.8, 2.5, 112),
+    ]
+    tight = IndexTuningSettings(target_recall=0.95, min_recall=0.9, max_latency_ms=0.3)
+    # The fastest setting reaching the target, over budget and flagged.
+    over = choose(points, tight)
+    assert (over.measurement.layout, over.measurement.nprobe, over.meets_target) == ("medium", 64, False)
+    assert "over the latency budget" in over.reason
+    # Nothing reaches the target: the fastest setting above the floor.
+    floor_only = choose(points[:1] + points[2:3], tight)
+    assert (floor_only.measurement.layout, floor_only.measurement.nprobe) == ("medium", 32)
+    # Nothing reaches the floor either: the highest recall measured.
+    assert choose(points[:1], tight).measurement.recall == 0.56
+    # A floor the budget's best meets: the budget holds.
+    lenient = choose(points, tight.model_copy(update={"min_recall": 0.5}))
+    assert (lenient.measurement.layout, lenient.measurement.nprobe) == ("small", 8)
+    with pytest.raises(ValueError, match="lower min_recall"):
+        IndexTuningSettings(target_recall=0.9, min_recall=0.95)
+
+
 def test_build_records_the_tuned_nprobe_and_the_server_loader_uses_it(tmp_path: Path) -> None:
     catalogue = make_catalogue(TINY, seed=3)
     settings = IndexBuildSettings(train_sample=2000, train_iterations=5)
