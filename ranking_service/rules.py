@@ -6,16 +6,17 @@ chain runs in a fixed order (docs/rules.md):
 
 1. ``exclude_seen``      drop items the user had the configured events on, within the window
 2. ``exclude_ids``       drop the request's explicit ``exclude_item_ids``
-3. ``out_of_stock``      drop items without stock (retrieval's live stock, else the snapshot's)
-4. ``allowed_brands``    keep only the allowed brands (house brands for a surface)
-5. ``boosts``            multiply scores (+ ln m on the ranker score) and re-sort
-6. ``brand_boundary``    never two groups of a ``never_together`` pair in one list: walking
+3. ``not_launched``      drop items created after the request's moment (a launch date ahead)
+4. ``out_of_stock``      drop items without stock (retrieval's live stock, else the snapshot's)
+5. ``allowed_brands``    keep only the allowed brands (house brands for a surface)
+6. ``boosts``            multiply scores (+ ln m on the ranker score) and re-sort
+7. ``brand_boundary``    never two groups of a ``never_together`` pair in one list: walking
                          the list by (boosted) score, the first group seen wins
-7. ``max_per_brand`` / ``max_per_category``   keep the best n per brand / category
-8. ``mmr``               maximal marginal relevance over the best ``mmr_pool_factor`` x k
-9. ``pins``              curated items to their positions (if they survived 1-6)
+8. ``max_per_brand`` / ``max_per_category``   keep the best n per brand / category
+9. ``mmr``               maximal marginal relevance over the best ``mmr_pool_factor`` x k
+10. ``pins``             curated items to their positions (if they survived 1-7)
 
-Filters (1-4, 6, 7) report ``removed``: candidates they dropped. Re-orderings (5, 8, 9)
+Filters (1-5, 7, 8) report ``removed``: candidates they dropped. Re-orderings (6, 9, 10)
 report ``moved``: positions among the first k whose item changed. Only rules that are
 configured run (and are reported). Pinned items are exempt from caps and MMR.
 """
@@ -130,6 +131,17 @@ class ExcludeIds(FilterRule):
 
     def keep(self, order: Positions, candidates: Candidates, context: RuleContext) -> npt.NDArray[np.bool_]:
         return ~np.isin(candidates.rows[order], context.excluded_rows)
+
+
+class NotLaunched(FilterRule):
+    """Items whose ``created_at`` is after the request's moment: a catalogue loaded ahead of a
+    launch date, or a request replayed from before the item existed. Training never shows
+    the ranker such items (ranking_service/training.py), so serving does not either."""
+
+    name: ClassVar[str] = "not_launched"
+
+    def keep(self, order: Positions, candidates: Candidates, context: RuleContext) -> npt.NDArray[np.bool_]:
+        return np.asarray(context.items.created_at[candidates.rows[order]] <= context.now, dtype=bool)
 
 
 class OutOfStock(FilterRule):
@@ -307,6 +319,8 @@ def build_chain(settings: RulesSettings, item_row: dict[str, int]) -> list[Rule]
     if settings.exclude_seen_types:
         chain.append(ExcludeSeen(tuple(settings.exclude_seen_types), settings.exclude_seen_window_days))
     chain.append(ExcludeIds())
+    if settings.exclude_not_launched:
+        chain.append(NotLaunched())
     if settings.exclude_out_of_stock:
         chain.append(OutOfStock())
     if settings.allowed_brands:

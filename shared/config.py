@@ -565,6 +565,9 @@ class RulesSettings(BaseModel):
     )
     # 0: forever.
     exclude_seen_window_days: int = Field(0, ge=0)
+    # Drop items whose created_at is after the request's moment (context.timestamp, else now):
+    # items loaded ahead of their launch date are not recommendable until then.
+    exclude_not_launched: bool = True
     exclude_out_of_stock: bool = True
     # Only these brands (e.g. house brands for a surface); empty: any brand.
     allowed_brands: list[str] = Field(default_factory=list, max_length=MAX_ALLOWED_BRANDS)
@@ -613,6 +616,7 @@ class RulesOverrides(BaseModel):
     model_config = ConfigDict(extra="forbid")
     exclude_seen_types: list[RuleEventType] | None = Field(None, max_length=len(RULE_EVENT_TYPES))
     exclude_seen_window_days: int | None = Field(None, ge=0)
+    exclude_not_launched: bool | None = None
     exclude_out_of_stock: bool | None = None
     allowed_brands: list[str] | None = Field(None, max_length=MAX_ALLOWED_BRANDS)
     boosts: list[BoostSettings] | None = Field(None, max_length=MAX_RULE_BOOSTS)

@@ -428,6 +428,9 @@ def test_upserted_item_can_be_recommended_through_the_ranking_server(
         )
         for position, row in enumerate(recent.tolist())
     ]
+    # One twin is loaded ahead of its launch date: not recommendable before it.
+    launch = int(time.time()) + 30 * 86_400
+    twins[-1].created_at = launch
     with live_server(artifacts.root, tmp_path, embedder) as live:
         live.stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=twins), timeout=TIMEOUT_S)
         ranking = start_ranking_server(
@@ -445,14 +448,18 @@ def test_upserted_item_can_be_recommended_through_the_ranking_server(
             with grpc.insecure_channel(f"127.0.0.1:{ranking.port}") as channel:
                 # Every catalogue item excluded: the twins are the only candidates, so they
                 # are recommended only if the ranker can featurise them (before: dropped).
-                response = ranking_pb2_grpc.RankingStub(channel).Recommend(
-                    ranking_pb2.RecommendRequest(
-                        user_id=user, k=len(twins), exclude_item_ids=catalog.item_ids.tolist()
-                    ),
-                    timeout=TIMEOUT_S,
+                stub = ranking_pb2_grpc.RankingStub(channel)
+                request = ranking_pb2.RecommendRequest(
+                    user_id=user, k=len(twins), exclude_item_ids=catalog.item_ids.tolist()
                 )
+                before_launch = stub.Recommend(request, timeout=TIMEOUT_S)
+                request.context.timestamp = launch
+                response = stub.Recommend(request, timeout=TIMEOUT_S)
         finally:
             ranking.stop()
+    assert [item.item_id for item in before_launch.items if item.item_id == twins[-1].item_id] == []
+    assert {effect.rule: effect.removed for effect in before_launch.rule_effects}["not_launched"] == 1
+    assert len(before_launch.items) == len(twins) - 1
     fresh = [item for item in response.items if item.item_id.startswith("twin-")]
     assert {item.item_id for item in fresh} == {twin.item_id for twin in twins}
     assert len(response.items) == len(twins)

@@ -117,7 +117,7 @@ def test_variant_in_response_and_log_and_its_rules_apply(
             elif response.variant == "diverse":
                 assert rules[-1] == "mmr"
             else:
-                assert rules == ["exclude_seen", "exclude_ids", "out_of_stock"]
+                assert rules == ["exclude_seen", "exclude_ids", "not_launched", "out_of_stock"]
     assert all(seen[name] > 0 for name in ("one-per-brand", "diverse", "")), seen
     logged = [r for r in caplog.records if r.getMessage() == "recommend"]
     variants = [getattr(r, "fields", {}).get("variant") for r in logged]

@@ -4,6 +4,7 @@ the rules through real servers on loopback (configured, per surface and per requ
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, cast
@@ -25,6 +26,7 @@ from ranking_service.rules import (
     MaxPerBrand,
     MaxPerCategory,
     Mmr,
+    NotLaunched,
     OutOfStock,
     Pins,
     Ranked,
@@ -138,6 +140,15 @@ def test_exclude_ids_and_out_of_stock() -> None:
     assert _order(OutOfStock().apply(_ranked(candidates), candidates, context)) == [0, 2, 3, 4, 5, 7]
 
 
+def test_not_launched_drops_items_created_after_the_request() -> None:
+    later = dataclasses.replace(ITEMS, created_at=np.asarray([0, NOW + 1, NOW, 0, NOW + DAY, 0, 0, 0], np.int64))
+    candidates = _candidates()
+    context = dataclasses.replace(_context(), items=later)
+    assert _order(NotLaunched().apply(_ranked(candidates), candidates, context)) == [0, 2, 3, 5, 6, 7]
+    replayed_later = dataclasses.replace(context, now=NOW + DAY)
+    assert _order(NotLaunched().apply(_ranked(candidates), candidates, replayed_later)) == list(range(8))
+
+
 def test_allowed_brands_keeps_only_those() -> None:
     candidates = _candidates()
     kept = AllowedBrands(frozenset({"Cora", "Dune"})).apply(_ranked(candidates), candidates, _context())
@@ -207,6 +218,7 @@ def test_chain_order_and_effects() -> None:
     assert effects == [
         ("exclude_seen", 1, 0),
         ("exclude_ids", 0, 0),
+        ("not_launched", 0, 0),
         ("out_of_stock", 1, 0),
         ("allowed_brands", 2, 0),
         ("boosts", 0, 3),  # [1, 3, 4] -> [5, 1, 3]
@@ -215,15 +227,15 @@ def test_chain_order_and_effects() -> None:
     ]
 
 
-def test_default_chain_is_the_old_behaviour() -> None:
+def test_default_chain() -> None:
     chain = build_chain(RulesSettings(), ITEM_ROW)
-    assert [rule.name for rule in chain] == ["exclude_seen", "exclude_ids", "out_of_stock"]
+    assert [rule.name for rule in chain] == ["exclude_seen", "exclude_ids", "not_launched", "out_of_stock"]
     history = UserHistory(np.asarray([0], np.int32), np.asarray([PURCHASE], np.int8), np.asarray([0], np.int64))
     outcome = apply_chain(
         chain, _candidates(stock=[1, 1, 1, 0, 1, 1, 1, 1]), _context(k=2, history=history, excluded=[2])
     )
     assert outcome.selected.tolist() == [1, 4]
-    assert outcome.removed == {"exclude_seen": 1, "exclude_ids": 1, "out_of_stock": 1}
+    assert outcome.removed == {"exclude_seen": 1, "exclude_ids": 1, "not_launched": 0, "out_of_stock": 1}
 
 
 @pytest.mark.parametrize(
@@ -352,7 +364,14 @@ def test_caps_hold(servers: Servers, dataset: Dataset) -> None:
         assert max(collections.Counter(item.brand for item in response.items).values()) == 1
         assert max(collections.Counter(item.category for item in response.items).values()) <= 3
         names = [e.rule for e in response.rule_effects]
-        assert names == ["exclude_seen", "exclude_ids", "out_of_stock", "max_per_brand", "max_per_category"]
+        assert names == [
+            "exclude_seen",
+            "exclude_ids",
+            "not_launched",
+            "out_of_stock",
+            "max_per_brand",
+            "max_per_category",
+        ]
 
 
 def test_pins_land_at_their_position_if_they_pass_the_filters(servers: Servers, dataset: Dataset) -> None:
