@@ -244,7 +244,15 @@ def build_artifacts(
     loaded = load_index_artifact(root)
     retrieval = InProcessRetrieval(Retriever(loaded, max_candidates=1000, max_exclusions=10_000))
     serving = RankingSettings(candidates=TRAIN_CANDIDATES, fallback_to_popular=False)
-    stage = CandidateStage(items, items.row_of(), stats.popular_rows, retrieval, serving)
+    # As the ranker artifact records (ranker_build) and the service will serve it.
+    stage = CandidateStage(
+        items,
+        items.row_of(),
+        stats.popular_rows,
+        retrieval,
+        serving,
+        popular_candidates=ranker_settings.popular_candidates,
+    )
     builder = FeatureBuilder(items, stats)
     rng = np.random.default_rng(ranker_settings.seed)
     features, labels, groups = [], [], []

@@ -138,6 +138,15 @@ def served_popularity(params: dict[str, Any]) -> PopularityCounting:
     return ALL_TIME_POPULARITY if recorded is None else PopularityCounting.model_validate(recorded)
 
 
+def served_popular_candidates(params: dict[str, Any]) -> int:
+    """How many popular items join a ranker's candidates, as its training replay added them
+    (RankerBuildSettings.popular_candidates for its task); artifacts older than the setting
+    trained without them."""
+    recorded = params.get("ranker_build")
+    value = recorded.get("popular_candidates", 0) if isinstance(recorded, dict) else 0
+    return int(value)
+
+
 def recorded_build_settings(params: dict[str, Any], where: Path) -> RankerBuildSettings:
     """The settings the ranker was trained with: co-interaction features must be computed
     as they were in training."""
@@ -174,6 +183,8 @@ class LoadedRanker:
     snapshot_at: int
     # The verified model file, for compiling the trees (ranking_service/scoring.py).
     model_path: Path | None = None
+    # Popular items that join retrieval's candidates, as in training (served_popular_candidates).
+    popular_candidates: int = 0
 
 
 def load_ranker_model(artifact: Artifact) -> RankerModel:
@@ -220,6 +231,7 @@ def load_ranker_artifact(root: Path, name: str = DEFAULT_NAME, version: str | No
         histories=UserHistoryStore(events, user_ids),
         snapshot_at=snapshot_at,
         model_path=model_path,
+        popular_candidates=served_popular_candidates(artifact.params),
     )
     event(log, "ranker artifact loaded", version=artifact.version, items=len(items), users=len(loaded.histories))
     return loaded

@@ -8,11 +8,16 @@ query. When retrieval is down or
 too slow, the stage answers from this service's own popular items and says so
 (``degraded``): a recommendation that is less personal beats an error on a shop page.
 With a sharded index, shards that fail leave the others' candidates (``partial``).
+A ranker trained for next events (``ranker_build.popular_candidates``, recorded in its
+artifact) also gets the most popular items for users with a history, after retrieval's
+answer, as its training replay did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -24,7 +29,7 @@ from ranking_service.features import CandidateSet, RequestContext
 from ranking_service.fresh_items import FreshItems
 from ranking_service.query import history_query
 from ranking_service.ragged import Ragged, rows_of
-from ranking_service.retrieval_client import CandidateSource, RetrievalOptions, RetrievedCandidates
+from ranking_service.retrieval_client import SOURCE_POPULAR, CandidateSource, RetrievalOptions, RetrievedCandidates
 from ranking_service.store import ItemTable, UserHistory
 from shared.config import RankingSettings
 from shared.errors import Unavailable
@@ -92,6 +97,7 @@ class CandidateStage:
         retrieval: CandidateSource,
         settings: RankingSettings,
         fresh: FreshItems | None = None,
+        popular_candidates: int = 0,
     ) -> None:
         self._items = items
         self._item_row = item_row
@@ -99,6 +105,7 @@ class CandidateStage:
         self._retrieval = retrieval
         self._settings = settings
         self._fresh = fresh
+        self._popular_candidates = popular_candidates
 
     def retrieve(
         self,
@@ -110,15 +117,62 @@ class CandidateStage:
         request: CandidateRequest = NO_REQUEST,
     ) -> RetrievedSet:
         exclude = np.union1d(history.purchased_rows(), extra_exclusions).astype(np.int32)
+        started = time.perf_counter()
         try:
             if timeout_s <= 0:
                 raise Unavailable("no time left in the caller's deadline for the retrieval call")
-            return self._from_retrieval(user_id, history, context, exclude, timeout_s, request)
+            retrieved = self._from_retrieval(user_id, history, context, exclude, timeout_s, request)
         except Unavailable as error:
             if not self._settings.fallback_to_popular:
                 raise
             event(log, "retrieval failed; answering from popular items", level=logging.WARNING, error=str(error))
             return self._fallback(exclude, reason="retrieval_unavailable", request=request)
+        # Not after a partial answer: a shard that failed the search would fail this call too,
+        # at the cost of its whole timeout again.
+        wanted = self._popular_candidates and not retrieved.partial_reason
+        if wanted and (len(history) or len(context.session_rows)):
+            left_s = timeout_s - (time.perf_counter() - started)
+            popular = self._popular(user_id, history, context, exclude, left_s, request)
+            if popular is not None:
+                retrieved = dataclasses.replace(retrieved, candidates=joined_candidates(retrieved.candidates, popular))
+        return retrieved
+
+    def _popular(
+        self,
+        user_id: str,
+        history: UserHistory,
+        context: RequestContext,
+        exclude: npt.NDArray[np.int32],
+        timeout_s: float,
+        request: CandidateRequest,
+    ) -> CandidateSet | None:
+        """The ``popular_candidates`` most popular items (as the index counts them), to join
+        retrieval's answer: a next-event task's labels are largely what everyone turns to
+        next (new releases, a season's items), which a user's own history rarely leads
+        retrieval to (docs/evaluation.md). Asked of retrieval with the user's own query and
+        a popular-only mix, so deleted items, live stock and shards hold for them as for
+        every candidate, and they are scored by the query like the rest. Users without
+        history or session get popular items (or their declared preferences) anyway. None
+        when the call fails: retrieval's main answer is enough to rank, unless silent gaps
+        are not allowed (training: ``fallback_to_popular`` off)."""
+        popular_only = dataclasses.replace(request, mix=((SOURCE_POPULAR, 1.0),), anchors=False)
+        try:
+            if timeout_s <= 0:
+                raise Unavailable("no time left in the caller's deadline for the popular candidates")
+            answer = self._from_retrieval(
+                user_id, history, context, exclude, timeout_s, popular_only, self._popular_candidates
+            )
+        except Unavailable as error:
+            if not self._settings.fallback_to_popular:
+                raise
+            event(
+                log,
+                "popular candidates unavailable; ranking retrieval's answer",
+                level=logging.WARNING,
+                error=str(error),
+            )
+            return None
+        return answer.candidates
 
     def _fallback(
         self, exclude: npt.NDArray[np.int32], reason: str, request: CandidateRequest = NO_REQUEST
@@ -149,10 +203,11 @@ class CandidateStage:
         exclude: npt.NDArray[np.int32],
         timeout_s: float,
         request: CandidateRequest = NO_REQUEST,
+        n: int | None = None,
     ) -> RetrievedSet:
         item_ids = self._items.item_ids
         exclude_ids = item_ids[exclude].tolist()
-        n = self._settings.candidates
+        n = n or self._settings.candidates
         options = RetrievalOptions(
             item_filter=request.item_filter,
             mix=request.mix,
@@ -219,6 +274,51 @@ def kept_candidates(candidates: CandidateSet, keep: npt.NDArray[np.bool_]) -> Ca
         else (),
         stock=candidates.stock[keep] if candidates.stock is not None else None,
     )
+
+
+def joined_candidates(first: CandidateSet, second: CandidateSet) -> CandidateSet:
+    """``first`` followed by the candidates of ``second`` it does not hold, every
+    per-candidate field joined alike. Sources, their scores and anchors that only ``first``
+    carries get empty entries for the rest; live stock only when both carry it."""
+    new = ~np.isin(second.rows, first.rows)
+    if not new.any():
+        return first
+    added = kept_candidates(second, new)
+    return dataclasses.replace(
+        first,
+        rows=np.concatenate([first.rows, added.rows]).astype(np.int32),
+        retrieval_scores=np.concatenate([first.retrieval_scores, added.retrieval_scores]),
+        content_scores=np.concatenate([first.content_scores, added.content_scores]),
+        collaborative_scores=np.concatenate([first.collaborative_scores, added.collaborative_scores]),
+        sources=_joined(first.sources, added.sources, len(first.rows), len(added.rows)),
+        # Scores stay aligned with sources, or the source-score features of every candidate
+        # would be lost (features.py reads them only when both have one entry per candidate).
+        source_scores=_joined(first.source_scores, added.source_scores, len(first.rows), len(added.rows)),
+        anchor_rows=_joined_rows(first.anchor_rows, added.anchor_rows, len(first.rows), len(added.rows)),
+        stock=None if first.stock is None or added.stock is None else np.concatenate([first.stock, added.stock]),
+    )
+
+
+def _joined(
+    first: Sequence[tuple[Item, ...]], second: Sequence[tuple[Item, ...]], first_n: int, second_n: int
+) -> Sequence[tuple[Item, ...]]:
+    """Per-candidate entries of both (flat when ``first`` is: a columnar answer); empty when
+    ``first`` carries none, empty entries for a ``second`` that carries none."""
+    if len(first) != first_n or not first_n:
+        return ()
+    entries: Sequence[tuple[Item, ...]] = second if len(second) == second_n else ((),) * second_n
+    if isinstance(first, Ragged):
+        return first.extended(entries)
+    return tuple(first) + tuple(entries)
+
+
+def _joined_rows(
+    first: Sequence[npt.NDArray[np.int32]], second: Sequence[npt.NDArray[np.int32]], first_n: int, second_n: int
+) -> Sequence[npt.NDArray[np.int32]]:
+    """Per-candidate anchor rows of both, as :func:`_joined` joins entries."""
+    if len(first) != first_n or not first_n:
+        return ()
+    return tuple(first) + (tuple(second) if len(second) == second_n else (np.zeros(0, np.int32),) * second_n)
 
 
 def _kept(values: Sequence[tuple[Item, ...]], known: npt.NDArray[np.bool_]) -> Sequence[tuple[Item, ...]]:

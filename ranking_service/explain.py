@@ -37,6 +37,7 @@ FEATURE_TEXT: dict[str, tuple[str, str]] = {
     "retrieval_from_popular": ("popular with everyone", "picked for you rather than for everyone"),
     "item_log_popularity": ("popular with shoppers", "less popular with shoppers"),
     "item_log_recent_views": ("trending this week", "few views this week"),
+    "item_log_popular_now": ("popular right now", "not much in demand lately"),
     "item_log_purchases": ("often bought", "rarely bought"),
     "item_conversion_rate": ("people who view it often buy it", "people who view it seldom buy it"),
     "item_log_price": ("its price", "its price"),

@@ -27,6 +27,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "retrieval_from_popular",
     "item_log_popularity",
     "item_log_recent_views",
+    "item_log_popular_now",
     "item_log_purchases",
     "item_conversion_rate",
     "item_log_price",
@@ -179,6 +180,7 @@ class FeatureBuilder:
         put("retrieval_from_popular", float(candidates.from_popular))
         put("item_log_popularity", stats.log_popularity[rows])
         put("item_log_recent_views", stats.log_recent_views[rows])
+        put("item_log_popular_now", stats.log_popular_now[rows])
         put("item_log_purchases", stats.log_purchases[rows])
         put("item_conversion_rate", stats.conversion_rate[rows])
         put("item_log_price", self._log_prices(rows))

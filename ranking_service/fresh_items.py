@@ -92,6 +92,7 @@ class FreshItems:
             log_recent_views=_extended(stats.log_recent_views, capacity),
             log_purchases=_extended(stats.log_purchases, capacity),
             conversion_rate=_extended(stats.conversion_rate, capacity, float(np.median(stats.conversion_rate))),
+            log_popular_now=_extended(stats.log_popular_now, capacity),
             # Popular rows stay the snapshot's; the matrix gains empty rows and columns.
             co_interactions=grown(stats.co_interactions),
             item_model=grown(stats.item_model) if stats.item_model is not None else None,

@@ -16,7 +16,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ranking_service.artifact import LoadedRanker
-from ranking_service.candidates import NO_REQUEST, CandidateRequest, CandidateStage, RetrievedSet
+from ranking_service.candidates import (
+    NO_REQUEST,
+    CandidateRequest,
+    CandidateStage,
+    RetrievedSet,
+    joined_candidates,
+)
 from ranking_service.experiments import assign
 from ranking_service.explain import Contribution, explanations, reasons
 from ranking_service.features import (
@@ -130,7 +136,13 @@ class RankingPipeline:
         self._online = online
         self._settings = settings
         self._candidates = CandidateStage(
-            ranker.items, ranker.item_row, ranker.stats.popular_rows, retrieval, settings, self.fresh
+            ranker.items,
+            ranker.item_row,
+            ranker.stats.popular_rows,
+            retrieval,
+            settings,
+            self.fresh,
+            popular_candidates=ranker.popular_candidates,
         )
         self._features = FeatureBuilder(ranker.items, ranker.stats)
         self._brand_code = {
@@ -213,30 +225,17 @@ class RankingPipeline:
         backfill = self._allowed_brand_rows(rules.allowed_brands, k) if rules.allowed_brands else pinned[:0]
         backfill = backfill[~np.isin(backfill, pinned)]
         extra = np.concatenate([pinned, backfill])
-        new = ~np.isin(extra, candidates.rows)
-        tags = [("pin",)] * len(pinned) + [("popular",)] * len(backfill)
-        extra = extra[new]
-        if not len(extra):
-            return candidates
         zeros = np.zeros(len(extra), np.float32)
-        return dataclasses.replace(
-            candidates,
-            rows=np.concatenate([candidates.rows, extra]).astype(np.int32),
-            retrieval_scores=np.concatenate([candidates.retrieval_scores, zeros]),
-            content_scores=np.concatenate([candidates.content_scores, zeros]),
-            collaborative_scores=np.concatenate([candidates.collaborative_scores, zeros]),
-            sources=(
-                tuple(candidates.sources) + tuple(tag for tag, keep in zip(tags, new.tolist(), strict=True) if keep)
-                if candidates.sources
-                else ()
-            ),
-            anchor_rows=(
-                tuple(candidates.anchor_rows) + (np.zeros(0, np.int32),) * len(extra) if candidates.anchor_rows else ()
-            ),
-            stock=(
-                None if candidates.stock is None else np.concatenate([candidates.stock, self.ranker.items.stock[extra]])
-            ),
+        curated = CandidateSet(
+            rows=extra,
+            retrieval_scores=zeros,
+            content_scores=zeros,
+            collaborative_scores=zeros,
+            from_popular=False,
+            sources=[("pin",)] * len(pinned) + [("popular",)] * len(backfill),
+            stock=self.ranker.items.stock[extra],
         )
+        return joined_candidates(candidates, curated)
 
     def _rows(self, item_ids: Sequence[str]) -> npt.NDArray[np.int32]:
         row_of = self.ranker.item_row

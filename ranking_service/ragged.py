@@ -88,6 +88,12 @@ class Ragged(Sequence[tuple[Value, ...]], Generic[Value]):
         for start, end in pairwise(bounds):
             yield tuple(values[start:end])
 
+    def extended(self, entries: Sequence[tuple[Value, ...]]) -> Ragged[Value]:
+        """These entries followed by ``entries`` (flat, uncoded: the new values need not be in
+        the table)."""
+        counts = np.concatenate([self.counts, np.asarray([len(entry) for entry in entries], dtype=np.int64)])
+        return Ragged(self.values + [value for entry in entries for value in entry], offsets_of(counts))
+
     def kept(self, mask: npt.NDArray[np.bool_]) -> Ragged[Value]:
         """The entries where ``mask`` is true, in order."""
         flat = np.repeat(mask, self.counts)

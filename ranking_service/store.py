@@ -78,6 +78,9 @@ class ItemStats:
     log_recent_views: npt.NDArray[np.float32]
     log_purchases: npt.NDArray[np.float32]
     conversion_rate: npt.NDArray[np.float32]
+    # Popularity as the served index counts it (decayed for next-event tasks: what is in
+    # demand now), and the items in that order.
+    log_popular_now: npt.NDArray[np.float32]
     popular_rows: npt.NDArray[np.int32]
     # (n_items, n_items) sparse: row i holds the items most often touched by the users
     # who touched i, as shrunk cosine similarities (see :func:`co_interactions`).
@@ -138,7 +141,8 @@ def item_stats(
     co-interaction matrix and the item model when they were computed already (the ranker
     artifact stores them), else they are computed. ``popularity``: how ``popular_rows``
     are counted (as the retrieval index the ranker serves with counts them); the
-    ``item_log_popularity`` feature counts all time either way."""
+    ``item_log_popularity`` feature counts all time either way, ``item_log_popular_now``
+    as ``popular_rows`` do."""
     past = events.before(as_of)
     weights = event_weights(past.event_code).astype(np.float64)
     all_time = np.bincount(past.item_index, weights=weights, minlength=n_items)
@@ -149,15 +153,15 @@ def item_stats(
     # Smoothed towards the catalogue-wide rate so rarely seen items are not extreme.
     prior = (purchases.sum() + 1.0) / (views.sum() + 1.0)
     conversion = (purchases + 10.0 * prior) / (views + 10.0)
+    popular_now = decayed_counts(past, n_items, as_of, popularity.half_life_days, popularity.prior_weight)
     return ItemStats(
         as_of=as_of,
         log_popularity=np.log1p(all_time).astype(np.float32),
         log_recent_views=np.log1p(recent_views).astype(np.float32),
         log_purchases=np.log1p(purchases).astype(np.float32),
         conversion_rate=conversion.astype(np.float32),
-        popular_rows=np.argsort(
-            -decayed_counts(past, n_items, as_of, popularity.half_life_days, popularity.prior_weight), kind="stable"
-        ).astype(np.int32),
+        log_popular_now=np.log1p(popular_now).astype(np.float32),
+        popular_rows=np.argsort(-popular_now, kind="stable").astype(np.int32),
         co_interactions=neighbours if neighbours is not None else co_interactions(past, n_items, settings),
         item_model=(
             stored_item_model if stored_item_model is not None else fit_item_model(past, n_items, settings.item_model)

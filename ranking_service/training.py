@@ -44,7 +44,13 @@ from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.scoring import RankerModel, ScorePrior, in_retrieval_order, score_prior
 from ranking_service.store import ItemTable, UserHistoryStore, item_stats
 from shared.artifacts import Artifact
-from shared.config import IndexBuildSettings, ItemModelSettings, RankerBuildSettings, RankingSettings
+from shared.config import (
+    IndexBuildSettings,
+    ItemModelSettings,
+    PopularityCounting,
+    RankerBuildSettings,
+    RankingSettings,
+)
 from shared.data import Catalog, Dataset, DatasetError, Events, Users
 from shared.interactions import EVENT_LABEL, event_labels, ranker_label_mask
 from shared.item_model import tuned_item_model
@@ -390,6 +396,7 @@ def _replay_draw(
     items: ItemTable,
     cutoff: int | None,
     draw: int,
+    popularity: PopularityCounting,
 ) -> ReplayedDraw:
     """Requests, candidates (from ``retrieval``, whose index has not seen this draw's labels)
     and features of one label draw, with item statistics from its history events only."""
@@ -411,10 +418,19 @@ def _replay_draw(
         else settings.item_model
     )
     settings = settings.model_copy(update={"item_model": item_model})
-    stats = item_stats(history_events, len(items), int(history_events.timestamp.max()) + 1, settings)
+    stats = item_stats(
+        history_events, len(items), int(history_events.timestamp.max()) + 1, settings, popularity=popularity
+    )
     # Training must see real retrieval answers: a silent popular-items fallback would poison it.
     serving_for_training = serving.model_copy(update={"candidates": settings.candidates, "fallback_to_popular": False})
-    candidate_stage = CandidateStage(items, items.row_of(), stats.popular_rows, retrieval, serving_for_training)
+    candidate_stage = CandidateStage(
+        items,
+        items.row_of(),
+        stats.popular_rows,
+        retrieval,
+        serving_for_training,
+        popular_candidates=settings.popular_candidates,
+    )
     builder = FeatureBuilder(items, stats)
     event(
         log,
@@ -474,7 +490,9 @@ def train_ranker_artifact(
     # The item model fits sessions only for the tasks they help (an explicit cutoff is a
     # time split); the served copy and train-ranker --from-logs inherit the choice.
     task = "global" if cutoff is not None else settings.label_split
-    settings = settings.model_copy(update={"item_model": settings.item_model.for_label_split(task)})
+    settings = settings.for_label_split(task)
+    # Popular items are counted as the index served with this ranker counts them.
+    popularity = index_build.for_label_split(task).popularity
     draws = settings.label_draw_count(cutoff)
     if len(retrievals) != draws:
         raise ValueError(
@@ -482,7 +500,7 @@ def train_ranker_artifact(
         )
     replayed: list[ReplayedDraw] = []
     for draw, retrieval in enumerate(retrievals):
-        replayed.append(_replay_draw(dataset, retrieval, settings, serving, items, cutoff, draw))
+        replayed.append(_replay_draw(dataset, retrieval, settings, serving, items, cutoff, draw, popularity))
         # The item model's L2 is tuned on draw 0's history; every later draw fits with it.
         settings = settings.model_copy(update={"item_model": replayed[0].item_model})
     train = functools.reduce(RankingData.pooled_with, (one.train for one in replayed))
@@ -518,7 +536,6 @@ def train_ranker_artifact(
         "feature_importance_gain": importance(model.booster),
         "ranks_cold_start": model.ranks_cold_start,
     }
-    popularity = index_build.for_label_split(task).popularity
     return write_ranker_artifact(
         root, model.booster, items, dataset, snapshot_at, params, metrics, served_item_model, popularity
     )

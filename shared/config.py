@@ -321,6 +321,14 @@ class RankerBuildSettings(BaseModel):
     # (docs/evaluation.md). False: the ranker orders every request.
     cold_start_gate: bool = True
     cold_start_min_holdout_requests: int = Field(20, ge=1)
+    # Next-event tasks (popular_candidates_label_splits): this many of the most popular items
+    # (counted as the served index counts them) join retrieval's candidates for users with a
+    # history, and the ranker learns to place them. What users turn to next is largely what
+    # everyone turns to then, which their own history rarely leads retrieval to
+    # (docs/evaluation.md). The build records the task's value (0 for other tasks) in
+    # ranker_build, and the ranking service adds what its artifact records.
+    popular_candidates: int = Field(50, ge=0, le=1000)
+    popular_candidates_label_splits: list[LabelSplit] = Field(default_factory=lambda: list(_NEXT_EVENT_SPLITS))
     num_trees: int = Field(300, ge=1)
     num_leaves: int = Field(31, ge=2)
     # A slow rate with a long patience: early stopping on NDCG over a few hundred users is
@@ -334,6 +342,14 @@ class RankerBuildSettings(BaseModel):
     # train-ranker --from-logs: an event labels an impression of the same user and item when
     # it comes after the impression and at most this long after it.
     log_label_window_s: int = Field(86_400, ge=1)
+
+    def for_label_split(self, label_split: LabelSplit) -> RankerBuildSettings:
+        """These settings for a build whose ranker learns ``label_split`` (a time cutoff is
+        "global"): the item model's sessions and popular candidates follow the task."""
+        popular = self.popular_candidates if label_split in self.popular_candidates_label_splits else 0
+        return self.model_copy(
+            update={"item_model": self.item_model.for_label_split(label_split), "popular_candidates": popular}
+        )
 
     def label_draw_count(self, cutoff: int | None = None) -> int:
         """How many label draws a build trains on: ``label_draws`` for the random split, one

@@ -86,7 +86,7 @@ def _stats(n: int = 6) -> ItemStats:
     co = sp.lil_matrix((n, n), dtype=np.float32)
     co[4, 1] = co[1, 4] = 0.5  # item 4 (history) is often chosen with candidate 1
     zeros = np.zeros(n, np.float32)
-    return ItemStats(0, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), sp.csr_matrix(co))
+    return ItemStats(0, zeros, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), sp.csr_matrix(co))
 
 
 def _two_candidates(anchor_rows: Sequence[npt.NDArray[np.int32]] = ()) -> CandidateSet:
@@ -190,7 +190,9 @@ def test_retrieval_sends_anchors_only_for_explanations(
             assert any(item.anchor_item_ids for item in explained.items)
     finally:
         client.close()
-    assert client.asked_for_anchors == [False, True] * 5
+    # Each request's second call, for its popular candidates (a next-event ranker), never
+    # asks for anchors either.
+    assert client.asked_for_anchors == [False, False, True, False] * 5
 
 
 def test_cost_of_rules_and_explanations_is_printed(

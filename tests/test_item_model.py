@@ -55,7 +55,7 @@ def _events(users: list[int], items: list[int]) -> Events:
 def _stats(n: int, weights: sp.csr_matrix | None) -> ItemStats:
     zeros = np.zeros(n, np.float32)
     empty = sp.csr_matrix((n, n), dtype=np.float32)
-    return ItemStats(0, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), empty, weights)
+    return ItemStats(0, zeros, zeros, zeros, zeros, zeros, np.arange(n, dtype=np.int32), empty, weights)
 
 
 def _features(weights: sp.csr_matrix | None, candidates: list[int]) -> dict[str, np.ndarray]:

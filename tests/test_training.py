@@ -9,9 +9,11 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from ranking_service.artifact import load_ranker_artifact, served_popularity
-from ranking_service.candidates import kept_candidates
-from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet
+from ranking_service.artifact import load_ranker_artifact, served_popular_candidates, served_popularity
+from ranking_service.candidates import CandidateRequest, CandidateStage, joined_candidates, kept_candidates
+from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, RequestContext
+from ranking_service.ragged import Ragged
+from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.scoring import RankerModel, in_retrieval_order
 from ranking_service.store import co_interactions
 from ranking_service.training import (
@@ -27,7 +29,8 @@ from shared.cli import main
 from shared.config import ALL_TIME_POPULARITY, RankerBuildSettings, VitrineSettings
 from shared.data import Dataset
 from shared.interactions import ranker_label_mask
-from tests.conftest import BuiltArtifacts
+from shared.proto.vitrine.v1 import catalog_pb2
+from tests.conftest import BuiltArtifacts, Servers, users_by_activity
 
 # Asserted floor for the ranker's NDCG@10 lift over retrieval order on held-out users.
 MIN_NDCG_LIFT = 0.05
@@ -299,3 +302,100 @@ def test_kept_candidates_cuts_every_per_candidate_field_alike() -> None:
     assert kept.stock is not None
     assert kept.stock.tolist() == [5, 2]
     assert kept_candidates(candidates, np.ones(3, dtype=bool)) is candidates
+
+
+def test_next_event_rankers_learn_and_serve_popular_candidates(artifacts: BuiltArtifacts) -> None:
+    """The build records the task's popular candidates; the service adds what it records."""
+    assert RankerBuildSettings().for_label_split("random").popular_candidates == 0
+    assert RankerBuildSettings(popular_candidates=20).for_label_split("per_user").popular_candidates == 20
+    recorded = served_popular_candidates(artifacts.ranker.params)  # the session's build: global split
+    assert recorded == RankerBuildSettings().popular_candidates > 0
+    assert load_ranker_artifact(artifacts.root).popular_candidates == recorded
+    # Artifacts from before the setting trained without them.
+    assert served_popular_candidates({"ranker_build": {"candidates": 300}}) == 0
+
+
+def test_popular_candidates_join_what_retrieval_did_not_propose(
+    artifacts: BuiltArtifacts, servers: Servers, settings: VitrineSettings, dataset: Dataset
+) -> None:
+    """They come from retrieval (a popular-only mix with the user's query), so deletions,
+    live stock and shards hold for them, and they carry the query's scores."""
+    ranker = load_ranker_artifact(artifacts.root)
+    items, popular = ranker.items, ranker.stats.popular_rows
+    user = users_by_activity(dataset)[0]
+    history = ranker.histories.history(user, before=ranker.snapshot_at)
+    context = RequestContext(timestamp=ranker.snapshot_at, device="", session_rows=np.zeros(0, np.int32))
+    excluded = popular[:3].astype(np.int32)
+    serving = settings.ranking.model_copy(update={"candidates": 20})
+    client = RetrievalClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    try:
+
+        def stage(extra: int) -> CandidateStage:
+            return CandidateStage(items, ranker.item_row, popular, client, serving, popular_candidates=extra)
+
+        plain = stage(0).retrieve(user, history, context, excluded, 10.0).candidates
+        mixed = stage(30).retrieve(user, history, context, excluded, 10.0).candidates
+        wanted = popular[~np.isin(popular, np.union1d(excluded, history.purchased_rows()))][:30]
+        added = mixed.rows[len(plain.rows) :]
+        assert mixed.rows[: len(plain.rows)].tolist() == plain.rows.tolist()
+        assert len(added) > 0
+        assert set(added.tolist()) == set(wanted.tolist()) - set(plain.rows.tolist())
+        assert list(mixed.sources)[len(plain.rows) :] == [("popular",)] * len(added)
+        assert len(mixed.source_scores) == len(mixed.rows) == len(mixed.anchor_rows)
+        assert mixed.retrieval_scores[len(plain.rows) :].any()  # scored by the user's query
+        # A filter holds for them too.
+        category = str(items.categories[added[0]])
+        only = CandidateRequest(item_filter=catalog_pb2.ItemFilter(categories=[category]))
+        filtered = stage(30).retrieve(user, history, context, excluded, 10.0, only).candidates
+        assert set(items.categories[filtered.rows].tolist()) == {category}
+        # Newcomers get popular items (or their declared preferences) from retrieval itself.
+        empty = ranker.histories.history("nobody", before=ranker.snapshot_at)
+        cold = stage(30).retrieve("nobody", empty, context, excluded, 10.0).candidates
+        assert len(cold.rows) == len(stage(0).retrieve("nobody", empty, context, excluded, 10.0).candidates.rows)
+    finally:
+        client.close()
+
+
+def test_joined_candidates_keep_every_per_candidate_field_aligned() -> None:
+    candidates = CandidateSet(
+        rows=np.asarray([4, 7], np.int32),
+        retrieval_scores=np.asarray([0.9, 0.5], np.float32),
+        content_scores=np.asarray([0.3, 0.2], np.float32),
+        collaborative_scores=np.asarray([0.6, 0.3], np.float32),
+        from_popular=False,
+        sources=(("covisitation",), ("item_model", "fused")),
+        source_scores=((3.0,), (0.4, 0.5)),
+        anchor_rows=(np.asarray([1], np.int32), np.asarray([2, 3], np.int32)),
+        stock=np.asarray([5, 0], np.int64),
+    )
+    curated = CandidateSet(
+        rows=np.asarray([7, 9, 2], np.int32),
+        retrieval_scores=np.asarray([0.5, 0.2, 0.1], np.float32),
+        content_scores=np.zeros(3, np.float32),
+        collaborative_scores=np.zeros(3, np.float32),
+        from_popular=True,
+        sources=(("popular",), ("popular",), ("pin",)),
+        stock=np.asarray([0, 90, 20], np.int64),
+    )
+    joined = joined_candidates(candidates, curated)
+    assert joined.rows.tolist() == [4, 7, 9, 2]  # 7 once
+    assert joined.retrieval_scores.tolist() == pytest.approx([0.9, 0.5, 0.2, 0.1])
+    assert not joined.from_popular
+    assert list(joined.sources) == [("covisitation",), ("item_model", "fused"), ("popular",), ("pin",)]
+    # Before, pins left the scores unpadded and every candidate lost its source-score features.
+    assert list(joined.source_scores) == [(3.0,), (0.4, 0.5), (), ()]
+    assert [anchors.tolist() for anchors in joined.anchor_rows] == [[1], [2, 3], [], []]
+    assert joined.stock is not None
+    assert joined.stock.tolist() == [5, 0, 90, 20]
+    assert joined_candidates(candidates, kept_candidates(curated, np.asarray([True, False, False]))) is candidates
+    # A columnar answer stays flat, so features read it without a loop over candidates.
+    columnar = replace(
+        candidates,
+        sources=Ragged.from_counts(["covisitation", "item_model", "fused"], [1, 2]),
+        source_scores=Ragged.from_counts([3.0, 0.4, 0.5], [1, 2]),
+    )
+    flat = joined_candidates(columnar, curated)
+    assert isinstance(flat.sources, Ragged)
+    assert isinstance(flat.source_scores, Ragged)
+    assert list(flat.sources) == list(joined.sources)
+    assert list(flat.source_scores) == list(joined.source_scores)
