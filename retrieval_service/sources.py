@@ -248,9 +248,19 @@ class PopularSource:
 
     def propose(self, query: SourceQuery, n: int) -> SourceAnswer:
         loaded = self._loaded
-        rows = loaded.popular_rows.astype(np.int64)
-        keep = ~query.blocked(loaded.index.size)[rows]
-        rows, ranks = rows[keep][:n], loaded.popular_ranks[keep][:n]
+        if query.allowed is None:
+            # Without a filter only the exclusions block rows, so the answer lies among the
+            # first n + len(exclude) in popularity order: no pass over the whole catalogue
+            # (2.5 ms a call at 1M items, paid by every next-event ranking request).
+            head = len(query.exclude) + n
+            rows = loaded.popular_rows[:head].astype(np.int64)
+            keep = ~np.isin(rows, query.exclude)
+            ranks = loaded.popular_ranks[:head]
+        else:
+            rows = loaded.popular_rows.astype(np.int64)
+            keep = ~query.blocked(loaded.index.size)[rows]
+            ranks = loaded.popular_ranks
+        rows, ranks = rows[keep][:n], ranks[keep][:n]
         # Score from the rank in the whole catalogue, in (0, 1]: comparable in scale with a
         # cosine, monotone in popularity, and the same on every shard, so shards' answers merge.
         return SourceAnswer(rows, (1.0 / (1.0 + ranks)).astype(np.float32))

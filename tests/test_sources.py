@@ -17,7 +17,7 @@ from retrieval_service.artifact import load_index_artifact
 from retrieval_service.retriever import Retriever
 from retrieval_service.server import start_retrieval_server
 from retrieval_service.source_tables import EMPTY_NEIGHBOURS
-from retrieval_service.sources import SourceAnswer, merge, quotas
+from retrieval_service.sources import PopularSource, SourceAnswer, SourceQuery, merge, quotas
 from shared.artifacts import open_current
 from shared.config import IndexBuildSettings, ItemModelSettings, RetrievalSettings, SourceShare, VitrineSettings
 from shared.data import PURCHASE, VIEW, Dataset, Events
@@ -587,3 +587,27 @@ def test_without_anchors_the_same_candidates_come_without_them(
         assert not any(c.anchor_item_ids for c in bare.candidates)
         assert not bare.columns.anchors
         assert not bare.columns.anchor_item_ids
+
+
+def test_popular_source_reads_only_the_head_it_needs_and_answers_as_a_full_scan(
+    artifacts: BuiltArtifacts,
+) -> None:
+    loaded = load_index_artifact(artifacts.root)
+    source = PopularSource(loaded)
+    exclude = np.sort(loaded.popular_rows[[0, 2, 5, 40]].astype(np.int64))
+    unfiltered = SourceQuery(
+        vector=None,
+        anchor_ids=(),
+        anchor_weights=np.zeros(0),
+        allowed=None,
+        exclude=exclude,
+        exact_filter_below=0,
+    )
+    # A filter that allows everything takes the full scan: the same answer.
+    everything = replace(unfiltered, allowed=np.ones(loaded.index.size, dtype=bool))
+    for n in (1, 10, 50):
+        head, scan = source.propose(unfiltered, n), source.propose(everything, n)
+        assert head.rows.tolist() == scan.rows.tolist()
+        assert head.scores.tolist() == scan.scores.tolist()
+        assert len(head.rows) == n
+        assert not np.isin(head.rows, exclude).any()
