@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 
+# RetrievedSet.partial_reason when the popular candidates' call failed: the answer holds
+# retrieval's main candidates only.
+PARTIAL_POPULAR_UNAVAILABLE = "popular_unavailable"
+
 
 @dataclass(frozen=True)
 class RetrievedSet:
@@ -133,8 +137,9 @@ class CandidateStage:
         if wanted and (len(history) or len(context.session_rows)):
             left_s = timeout_s - (time.perf_counter() - started)
             popular = self._popular(user_id, history, context, exclude, left_s, request)
-            if popular is not None:
-                retrieved = dataclasses.replace(retrieved, candidates=joined_candidates(retrieved.candidates, popular))
+            if popular is None:
+                return dataclasses.replace(retrieved, partial_reason=PARTIAL_POPULAR_UNAVAILABLE)
+            retrieved = dataclasses.replace(retrieved, candidates=joined_candidates(retrieved.candidates, popular))
         return retrieved
 
     def _popular(
@@ -153,8 +158,8 @@ class CandidateStage:
         a popular-only mix, so deleted items, live stock and shards hold for them as for
         every candidate, and they are scored by the query like the rest. Users without
         history or session get popular items (or their declared preferences) anyway. None
-        when the call fails: retrieval's main answer is enough to rank, unless silent gaps
-        are not allowed (training: ``fallback_to_popular`` off)."""
+        when the call fails: retrieval's main answer is enough to rank (flagged partial),
+        unless gaps are not allowed (training: ``fallback_to_popular`` off)."""
         popular_only = dataclasses.replace(request, mix=((SOURCE_POPULAR, 1.0),), anchors=False)
         try:
             if timeout_s <= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,10 +11,16 @@ import numpy as np
 import pytest
 
 from ranking_service.artifact import load_ranker_artifact, served_popular_candidates, served_popularity
-from ranking_service.candidates import CandidateRequest, CandidateStage, joined_candidates, kept_candidates
+from ranking_service.candidates import (
+    PARTIAL_POPULAR_UNAVAILABLE,
+    CandidateRequest,
+    CandidateStage,
+    joined_candidates,
+    kept_candidates,
+)
 from ranking_service.features import FEATURE_INDEX, FEATURE_NAMES, CandidateSet, RequestContext
 from ranking_service.ragged import Ragged
-from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.retrieval_client import NO_OPTIONS, RetrievalClient, RetrievalOptions, RetrievedCandidates
 from ranking_service.scoring import RankerModel, in_retrieval_order
 from ranking_service.store import co_interactions
 from ranking_service.training import (
@@ -28,6 +35,7 @@ from retrieval_service.artifact import load_index_artifact
 from shared.cli import main
 from shared.config import ALL_TIME_POPULARITY, RankerBuildSettings, VitrineSettings
 from shared.data import Dataset
+from shared.errors import Unavailable
 from shared.interactions import ranker_label_mask
 from shared.proto.vitrine.v1 import catalog_pb2
 from tests.conftest import BuiltArtifacts, Servers, users_by_activity
@@ -399,3 +407,47 @@ def test_joined_candidates_keep_every_per_candidate_field_aligned() -> None:
     assert isinstance(flat.source_scores, Ragged)
     assert list(flat.sources) == list(joined.sources)
     assert list(flat.source_scores) == list(joined.source_scores)
+
+
+class PopularFailingClient(RetrievalClient):
+    """The real client, failing every popular-only request (the popular candidates' call)."""
+
+    def by_history(
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        n: int,
+        exclude: Sequence[str],
+        timeout_s: float,
+        options: RetrievalOptions = NO_OPTIONS,
+    ) -> RetrievedCandidates:
+        if list(options.mix) == [("popular", 1.0)]:
+            raise Unavailable("retrieval timed out (test)")
+        return super().by_history(item_ids, weights, n, exclude, timeout_s, options)
+
+
+def test_a_failed_popular_call_leaves_retrievals_answer_flagged_partial(
+    artifacts: BuiltArtifacts, servers: Servers, settings: VitrineSettings, dataset: Dataset
+) -> None:
+    ranker = load_ranker_artifact(artifacts.root)
+    user = users_by_activity(dataset)[0]
+    history = ranker.histories.history(user, before=ranker.snapshot_at)
+    context = RequestContext(timestamp=ranker.snapshot_at, device="", session_rows=np.zeros(0, np.int32))
+    nothing = np.zeros(0, np.int32)
+    client = PopularFailingClient(f"127.0.0.1:{servers.retrieval_server.port}")
+    try:
+        for fallback in (True, False):
+            serving = settings.ranking.model_copy(update={"candidates": 20, "fallback_to_popular": fallback})
+            stage = CandidateStage(
+                ranker.items, ranker.item_row, ranker.stats.popular_rows, client, serving, popular_candidates=30
+            )
+            if not fallback:  # training: no silent gaps
+                with pytest.raises(Unavailable, match="timed out"):
+                    stage.retrieve(user, history, context, nothing, 10.0)
+                continue
+            answer = stage.retrieve(user, history, context, nothing, 10.0)
+            assert answer.partial_reason == PARTIAL_POPULAR_UNAVAILABLE
+            assert not answer.degraded_reason
+            assert len(answer.candidates.rows) == 20
+    finally:
+        client.close()
